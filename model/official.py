@@ -1,0 +1,77 @@
+"""Loading the authors' released CrossMAE / MAE checkpoints.
+
+Our module names are the authors' (see ``shared/reference/*.tsv``), so loading is a state-dict copy;
+what this adds is checking. Every checkpoint key must be used and every model parameter and buffer
+filled, with matching shapes, or nothing is copied and the error lists what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def _model_entry(checkpoint: Mapping) -> Mapping:
+    """The authors save ``{"model": state_dict, ...}``; accept that or a bare state dict."""
+    entry = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"expected a state dict (a mapping of names to tensors), got {type(entry).__name__}")
+    return entry
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """``torch.load`` a checkpoint file without executing code from it (``weights_only=True``);
+    a missing, truncated or foreign file raises an error that names the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        # The authors' training checkpoints carry their argparse.Namespace: a plain attribute bag,
+        # allowed explicitly; anything else that is not a tensor container is refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch "
+                         f"checkpoint of tensors ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def load_official(model: nn.Module, checkpoint: Mapping | str | os.PathLike) -> nn.Module:
+    """Copy a released checkpoint (a path, the loaded dict, or its ``"model"`` entry) into ``model``,
+    made by ``create_model`` with the matching configuration. Raises KeyError / ValueError naming
+    every missing, unexpected, misshapen or non-tensor entry; on error the model is left untouched."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    entry = _model_entry(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(entry))
+    unexpected = sorted(set(entry) - set(own))
+    not_tensors = sorted(k for k in set(entry) & set(own) if not isinstance(entry[k], torch.Tensor))
+    misshapen = sorted(
+        f"{k}: checkpoint {tuple(entry[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(entry) & set(own)
+        if k not in not_tensors and tuple(entry[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected:
+        hint = ("does the model's configuration (size, decoder_depth, inter_block, use_input, "
+                "feature_layers, decoder_self_attn) match the checkpoint's?")
+        raise KeyError(f"checkpoint does not match the model: missing {_short(missing)}, "
+                       f"unexpected {_short(unexpected)}; {hint}")
+    if not_tensors or misshapen:
+        raise ValueError(f"checkpoint entries with the wrong type or shape: {_short(not_tensors + misshapen)}")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(entry[key])
+    return model
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return "[" + ", ".join(names[:limit]) + more + "]"
