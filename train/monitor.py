@@ -1,0 +1,98 @@
+"""What a run shows and records: a progress bar, log lines, ``metrics.jsonl``, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("train")
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; cards not listed get no MFU.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0 only); mirrors scalars
+    to TensorBoard when asked."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ProgressBar:
+    """A rich progress bar on a terminal (rank 0); nothing otherwise: log lines carry the numbers."""
+
+    def __init__(self, total_steps: int, done_steps: int, enabled: bool):
+        self.progress = None
+        if not (enabled and sys.stdout.isatty()):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        self.task = self.progress.add_task("steps", total=total_steps, completed=done_steps, stats="")
+        self.progress.start()
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def show(self, stats: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, stats=stats)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,450 @@
+"""Pre-train CrossMAE (or the MAE baseline).
+
+    python -m train.pretrain            # embedded default: a tiny CrossMAE on the demo photos, a few CPU minutes
+
+    # ViT-B/16, the paper's recipe, one GPU (effective batch 4096 = 256 x 16 accumulation steps):
+    python -m train.pretrain --model crossmae_vit_base_patch16 --data_path /data/imagenet/train \\
+        --batch_size 256 --accum_iter 16 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 \\
+        --mask_ratio 0.75 --kept_mask_ratio 0.25 --output_dir runs/crossmae_b
+
+    # the same on 8 GPUs (256 x 2 x 8 = 4096):
+    torchrun --nproc_per_node=8 -m train.pretrain --model crossmae_vit_base_patch16 \\
+        --data_path /data/imagenet/train --batch_size 256 --accum_iter 2 --output_dir runs/crossmae_b
+
+Running the same command again resumes from ``<output_dir>/checkpoint-last.pth``; ``--resume PATH``
+resumes from another file. The learning rate is ``(kept_mask_ratio / mask_ratio) * blr * eff_batch /
+256`` unless ``--lr`` is given; the effective batch is batch_size x accum_iter x world size.
+
+Each epoch runs ``len(loader) // accum_iter`` optimizer steps (a tail shorter than one step is not
+read). The data order, crops and masks are pure functions of (seed, epoch, position, rank), so a
+resumed run reads exactly the batches an uninterrupted run would have read from that step on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import create_model, get_config, list_models
+from train import distributed
+from train.checkpoint import FORMAT, LAST, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from train.data import BACKENDS as DATA_BACKENDS
+from train.data import build_loader, resolve_data_path
+from train.monitor import MetricsLog, ProgressBar, peak_flops, setup_logging
+from train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from train.visualize import save_reconstruction_grid
+
+logger = logging.getLogger("train")
+
+DEFAULT_MODEL = "crossmae_vit_tiny_patch8"
+VIS_IMAGES = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(list_models())}")
+    m.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
+    m.add_argument("--mask_ratio", type=float, default=0.75)
+    m.add_argument("--kept_mask_ratio", type=float, default=0.25,
+                   help="CrossMAE's prediction ratio gamma (fraction of all patches); ignored for MAE")
+    m.add_argument("--decoder_depth", type=int, default=None, help="default: the model's (12 CrossMAE, 8 MAE)")
+    m.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--backend", choices=("torch", "triton"), default=None,
+                   help="default: triton on CUDA when the kernels import, else torch")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
+    o.add_argument("--accum_iter", type=int, default=1)
+    o.add_argument("--epochs", type=int, default=40)
+    o.add_argument("--warmup_epochs", type=float, default=4)
+    o.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = (gamma/p) * blr * eff_batch / 256")
+    o.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    o.add_argument("--min_lr", type=float, default=0.0)
+    o.add_argument("--weight_decay", type=float, default=0.05)
+    o.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="default: bf16 on GPU, fp32 on CPU")
+    o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    d = p.add_argument_group("data")
+    d.add_argument("--data_path", default="demo", help="<root>/<class>/<image> folder, or 'demo'")
+    d.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto")
+    d.add_argument("--num_workers", type=int, default=2)
+    r = p.add_argument_group("run")
+    r.add_argument("--output_dir", default="output/pretrain")
+    r.add_argument("--resume", default=None, help=f"checkpoint to resume from (default: <output_dir>/{LAST})")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    r.add_argument("--save_every", type=int, default=500, help="write checkpoint-last every N steps (and per epoch)")
+    r.add_argument("--keep_every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
+    r.add_argument("--log_every", type=int, default=10, help="log every N steps (the only host syncs)")
+    r.add_argument("--recon_every", type=int, default=10, help="reconstruction grid every N epochs")
+    r.add_argument("--tensorboard", action="store_true")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """Reject impossible flags before any work; returns the validated model config."""
+    minimum = {"batch_size": 1, "accum_iter": 1, "epochs": 1, "log_every": 1, "num_workers": 0,
+               "save_every": 0, "keep_every": 0, "recon_every": 0}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        p.error(f"--warmup_epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max_steps must be >= 1, got {args.max_steps}")
+    for name in ("blr", "lr", "min_lr", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            p.error(f"--{name} must be a finite number >= 0, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if args.precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        p.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
+    if args.resume is not None and not Path(args.resume).is_file():
+        p.error(f"--resume {args.resume}: no such file")
+    try:
+        cfg = get_config(args.model, **model_overrides(args))
+    except ValueError as e:
+        p.error(str(e))
+    if args.data_backend != "synthetic":
+        try:
+            args.data_root = str(resolve_data_path(args.data_path))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--data_path: {e}")
+    else:
+        args.data_root = None
+    return cfg
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"mask_ratio": args.mask_ratio, "norm_pix_loss": args.norm_pix_loss}
+    if not args.model.startswith("mae"):
+        overrides["kept_mask_ratio"] = args.kept_mask_ratio
+    for name in ("img_size", "decoder_depth", "backend"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return overrides
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to save and leave at the next step boundary; a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: saving a checkpoint at the end of this step, then exiting",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def noise_seed(seed: int, rank: int, step: int, micro: int, accum: int) -> int:
+    """The masking noise of every micro-batch is seeded by where it is, not by a running RNG."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step * accum + micro) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, cfg, dist_info: distributed.DistInfo):
+        self.args, self.cfg, self.dist = args, cfg, dist_info
+        self.device = dist_info.device
+        self.out = Path(args.output_dir)
+        self.precision = args.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision]
+
+        self.loader = build_loader(args.data_root, batch_size=args.batch_size, img_size=cfg.img_size, train=True,
+                                   backend=args.data_backend, device=self.device, rank=dist_info.rank,
+                                   world_size=dist_info.world_size, seed=args.seed, num_workers=args.num_workers)
+        self.batches_per_epoch = (len(self.loader) // args.accum_iter) * args.accum_iter
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{args.data_path} yields {len(self.loader)} batches of {args.batch_size} per process "
+                             f"and epoch, fewer than --accum_iter={args.accum_iter}: lower --batch_size or --accum_iter")
+        self.steps_per_epoch = self.batches_per_epoch // args.accum_iter
+        self.vis_batch = self._vis_batch() if dist_info.is_main else None
+
+        torch.manual_seed(args.seed + dist_info.rank)
+        self.model = create_model(args.model, **model_overrides(args)).to(self.device)
+        self.eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
+        self.lr = args.lr if args.lr is not None else scaled_lr(args.blr, self.eff_batch, cfg.mask_ratio,
+                                                                cfg.kept_mask_ratio)
+        self.optimizer = build_optimizer(self.model, self.lr, args.weight_decay, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps is not None:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self._resume()
+
+        net = self.model
+        if dist_info.enabled:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = net if dist_info.enabled else None
+        self.net = torch.compile(net) if args.compile else net
+        self.noise_gen = torch.Generator(device=self.device)
+        self.flops_per_image = self.model.flops_per_image(training=True)
+        self.peak = peak_flops(self.device)
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A fixed evaluation batch (center crops) and fixed masks for the reconstruction grids."""
+        if self.args.data_root is None:
+            return None
+        vis = build_loader(self.args.data_root, batch_size=VIS_IMAGES, img_size=self.cfg.img_size, train=False,
+                           backend=self.args.data_backend, device=self.device, num_workers=0)
+        imgs, _ = next(iter(vis))
+        g = torch.Generator().manual_seed(self.args.seed)
+        return imgs, torch.rand(imgs.shape[0], self.cfg.num_patches, generator=g).to(self.device)
+
+    def _resume(self) -> None:
+        path = Path(self.args.resume) if self.args.resume else self.out / LAST
+        if self.args.resume is None and not path.exists():
+            return
+        ckpt = load_training_checkpoint(path)
+        if ckpt["args"].get("model") != self.args.model:
+            raise ValueError(f"{path} is a run of {ckpt['args'].get('model')!r}, not {self.args.model!r}: "
+                             "use another --output_dir, or --resume with a matching checkpoint")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        states = ckpt.get("rng", [])
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                    self.batch_in_epoch)
+
+    # -- checkpoints and pictures --------------------------------------------------------------------
+
+    def save(self, keep: bool = False) -> None:
+        rngs = distributed.all_gather_objects(rng_state())
+        if not self.dist.is_main:
+            return
+        state = {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": rngs,
+            "args": dict(vars(self.args)),
+            "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.cfg).items()},
+        }
+        save_atomic(state, self.out / LAST)
+        if keep:
+            save_atomic(state, self.out / f"checkpoint-{self.epoch:04d}.pth")
+
+    def reconstruction(self, name: str) -> None:
+        if self.vis_batch is not None:
+            save_reconstruction_grid(self.model, *self.vis_batch, self.out / name)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def forward_backward(self, imgs: torch.Tensor, micro: int) -> torch.Tensor:
+        accum = self.args.accum_iter
+        self.noise_gen.manual_seed(noise_seed(self.args.seed, self.dist.rank, self.step, micro, accum))
+        noise = torch.rand(imgs.shape[0], self.cfg.num_patches, generator=self.noise_gen, device=self.device)
+        last = micro == accum - 1
+        sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.net(imgs, noise)["loss"]
+            self.scaler.scale(loss / accum).backward()
+        return loss.detach()
+
+    def optimizer_step(self, batches) -> tuple[torch.Tensor, float]:
+        """One optimizer step over accum_iter micro-batches: (summed loss on device, seconds spent
+        waiting for data)."""
+        args = self.args
+        lr = lr_at(self.epoch + self.batch_in_epoch / self.batches_per_epoch, self.lr, args.min_lr,
+                   args.warmup_epochs, args.epochs)
+        set_lr(self.optimizer, lr)
+        loss_sum, waited = None, 0.0
+        for micro in range(args.accum_iter):
+            t0 = time.perf_counter()
+            imgs, _ = next(batches)
+            waited += time.perf_counter() - t0
+            loss = self.forward_backward(imgs, micro)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, waited
+
+    def run(self) -> int:
+        args, is_main = self.args, self.dist.is_main
+        self.out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.info("model %s: %.2fM parameters, %.2f GFLOP per image per training step; backend %s, precision %s",
+                    args.model, n_params / 1e6, self.flops_per_image / 1e9, self.cfg.backend, self.precision)
+        logger.info("data: %s backend, %d images, %d steps per epoch", self.loader.backend, self.loader.num_images,
+                    self.steps_per_epoch)
+        logger.info("base lr %.3g, actual lr %.3g, effective batch %d (%d x %d accumulation x %d processes)",
+                    args.blr, self.lr, self.eff_batch, args.batch_size, args.accum_iter, self.dist.world_size)
+        if self.step >= self.total_steps:
+            logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
+            return 0
+        log = MetricsLog(self.out, is_main, args.tensorboard)
+        bar = ProgressBar(self.total_steps, self.step, is_main)
+        try:
+            with StopRequest() as stop:
+                status = self._loop(log, bar, stop)
+        finally:
+            bar.close()
+            log.close()
+        if status == 0 and is_main:
+            self.reconstruction("reconstruction-final.png")
+            logger.info("done: step %d, epoch %d; outputs in %s", self.step, self.epoch, self.out)
+        return status
+
+    def _loop(self, log: MetricsLog, bar: ProgressBar, stop: StopRequest) -> int:
+        """0 when done, 130 when stopped on request (saved), 1 on a non-finite loss (not saved)."""
+        args = self.args
+        loss_sum = torch.zeros((), device=self.device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
+        window = Window()
+        self.net.train()
+        while self.step < self.total_steps:
+            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            batches = iter(self.loader)
+            while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+                loss, waited = self.optimizer_step(batches)
+                loss_sum += loss
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
+                self.step += 1
+                self.batch_in_epoch += args.accum_iter
+                window.tick(waited)
+                bar.advance()
+
+                at_log = self.step % args.log_every == 0 or self.step == self.total_steps
+                # One process decides alone; several agree at log steps, so that all save the same step.
+                stopping = self._stop_agreed(stop.requested) if at_log or not self.dist.enabled else False
+                if at_log or stopping:
+                    if not self._log(log, bar, loss_sum, bad_step, window):
+                        return 1
+                    loss_sum.zero_()
+                    window = Window()
+                if stopping:
+                    if not self._checked_save(bad_step):
+                        return 1
+                    logger.warning("stopped at step %d; checkpoint saved to %s; run the same command to resume",
+                                   self.step, self.out / LAST)
+                    return 130
+                if args.save_every and self.step % args.save_every == 0 and not self._checked_save(bad_step):
+                    return 1
+            if self.batch_in_epoch >= self.batches_per_epoch:  # the epoch is complete
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                keep = args.keep_every > 0 and (self.epoch % args.keep_every == 0 or self.epoch == args.epochs)
+                if not self._checked_save(bad_step, keep=keep):
+                    return 1
+                if self.dist.is_main and args.recon_every and self.epoch % args.recon_every == 0:
+                    self.reconstruction(f"reconstruction-ep{self.epoch:04d}.png")
+        return 0 if self._checked_save(bad_step) else 1
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether any process was asked to stop (all processes agree, so they save at the same step)."""
+        if not self.dist.enabled:
+            return requested
+        return distributed.mean_across_ranks(torch.tensor(float(requested), device=self.device)).item() > 0
+
+    def _checked_save(self, bad_step: torch.Tensor, keep: bool = False) -> bool:
+        """Save unless a non-finite loss was seen (then the last good checkpoint stays as it is)."""
+        if self._report_non_finite(bad_step):
+            return False
+        self.save(keep=keep)
+        return True
+
+    def _report_non_finite(self, bad_step: torch.Tensor) -> bool:
+        """True (and an error naming the step) if any process has seen a non-finite loss."""
+        seen = distributed.mean_across_ranks((bad_step >= 0).float()).item() > 0
+        if seen:
+            where = f"step {int(bad_step.item()) + 1}" if bad_step.item() >= 0 else "another process's step"
+            logger.error("non-finite loss at %s: stopping without saving; the last good checkpoint is %s",
+                         where, self.out / LAST)
+        return seen
+
+    def _log(self, log: MetricsLog, bar: ProgressBar, loss_sum, bad_step, window: Window) -> bool:
+        if self._report_non_finite(bad_step):
+            return False
+        args = self.args
+        loss = distributed.mean_across_ranks(loss_sum / (window.steps * args.accum_iter)).item()
+        elapsed = window.elapsed()
+        img_per_s = window.steps * args.accum_iter * args.batch_size * self.dist.world_size / elapsed
+        record = {"step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / self.batches_per_epoch, 4),
+                  "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": round(img_per_s, 2),
+                  "data_wait": round(window.waited / elapsed, 4)}
+        if self.device.type == "cuda":
+            record["max_mem_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            if self.peak:
+                record["mfu"] = round(self.flops_per_image * img_per_s / (self.peak * self.dist.world_size), 4)
+        log.write(record)
+        stats = f"loss {loss:.4f}  lr {record['lr']:.2e}  {img_per_s:.0f} img/s  data wait {record['data_wait']:.0%}"
+        bar.show(stats)
+        if bar.progress is None:
+            logger.info("step %d/%d  epoch %.2f  %s", self.step, self.total_steps, record["epoch"], stats)
+        return True
+
+
+class Window:
+    """Wall time, data wait and steps since the last log line."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.waited = 0.0
+        self.steps = 0
+
+    def tick(self, waited: float) -> None:
+        self.waited += waited
+        self.steps += 1
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = check_args(parser, args)
+    dist_info = distributed.init_distributed(args.device)
+    setup_logging(dist_info.is_main)
+    try:
+        try:
+            trainer = Trainer(args, cfg, dist_info)
+        except (FileNotFoundError, ValueError) as e:
+            logger.error("%s", e)
+            return 2
+        return trainer.run()
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
