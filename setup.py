@@ -14,12 +14,13 @@ setup(
         "numpy",
         "pillow",
         "rich",
+        "scikit-image",  # its wheel carries the photographs of the embedded demo dataset
     ],
     extras_require={
         "kernels": ["triton>=3.6"],
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         # The embedded demo data and the tests: real photographs shipped inside these wheels.
-        "test": ["pytest>=8", "pytest-benchmark", "scikit-image", "scikit-learn", "triton>=3.6"],
+        "test": ["pytest>=8", "pytest-benchmark", "scikit-learn", "triton>=3.6"],
         # Optional references for the kernel tests and benchmarks (CUDA machines only).
         "gpu-ref": ["flash-attn", "xformers"],
     },

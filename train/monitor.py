@@ -34,9 +34,15 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, force=True)
+    """Log lines of the ``train`` package (data loading included) to stdout; rank 0 at INFO, others
+    at WARNING. The root logger is left alone, so an embedding program keeps its own handlers."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    train_logger = logging.getLogger("train")
+    for old in list(train_logger.handlers):
+        train_logger.removeHandler(old)
+    train_logger.addHandler(handler)
+    train_logger.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 class MetricsLog:

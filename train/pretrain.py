@@ -181,8 +181,9 @@ class Trainer:
                                    world_size=dist_info.world_size, seed=args.seed, num_workers=args.num_workers)
         self.batches_per_epoch = (len(self.loader) // args.accum_iter) * args.accum_iter
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{args.data_path} yields {len(self.loader)} batches of {args.batch_size} per process "
-                             f"and epoch, fewer than --accum_iter={args.accum_iter}: lower --batch_size or --accum_iter")
+            raise ValueError(f"{args.data_path} yields {len(self.loader)} batches of {args.batch_size} per "
+                             f"process and epoch, fewer than --accum_iter={args.accum_iter}: lower --batch_size "
+                             "or --accum_iter")
         self.steps_per_epoch = self.batches_per_epoch // args.accum_iter
         self.vis_batch = self._vis_batch() if dist_info.is_main else None
 
