@@ -87,21 +87,29 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     assert losses(killed) == reference  # exactly, step by step
 
 
-def test_sigint_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("backend,signum", [("torch", signal.SIGINT), ("dali", signal.SIGINT),
+                                            ("torch", signal.SIGTERM)])
+def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, backend, signum):
+    """The signal goes to the whole process group, as a terminal (or a cluster's preemption) sends it:
+    loader worker processes included."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [*QUICK, "--num_workers", "2", "--data_backend", backend, "--accum_iter", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--output_dir", str(out), "--max_steps", "500",
-                             "--save_every", "0", *QUICK], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--save_every", "0", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signum)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "Traceback" not in output
     ckpt = load_training_checkpoint(out / LAST)
     assert ckpt["step"] == max(losses(out))
+    assert "run the same command to resume" in output
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -336,7 +336,16 @@ class Trainer:
             self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             batches = iter(self.loader)
             while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
-                loss, waited = self.optimizer_step(batches)
+                try:
+                    loss, waited = self.optimizer_step(batches)
+                except Exception:
+                    if not stop.requested:
+                        raise
+                    # The signal also ended the loader (e.g. SIGTERM to the process group): drop the
+                    # unfinished step, whose gradients were never applied, and save the last complete one.
+                    logger.warning("data loading stopped with the signal; the unfinished step is dropped")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return self._save_and_stop(bad_step)
                 loss_sum += loss
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
                 self.step += 1
@@ -353,11 +362,7 @@ class Trainer:
                     loss_sum.zero_()
                     window = Window()
                 if stopping:
-                    if not self._checked_save(bad_step):
-                        return 1
-                    logger.warning("stopped at step %d; checkpoint saved to %s; run the same command to resume",
-                                   self.step, self.out / LAST)
-                    return 130
+                    return self._save_and_stop(bad_step)
                 if args.save_every and self.step % args.save_every == 0 and not self._checked_save(bad_step):
                     return 1
             if self.batch_in_epoch >= self.batches_per_epoch:  # the epoch is complete
@@ -369,6 +374,13 @@ class Trainer:
                 if self.dist.is_main and args.recon_every and self.epoch % args.recon_every == 0:
                     self.reconstruction(f"reconstruction-ep{self.epoch:04d}.png")
         return 0 if self._checked_save(bad_step) else 1
+
+    def _save_and_stop(self, bad_step: torch.Tensor) -> int:
+        if not self._checked_save(bad_step):
+            return 1
+        logger.warning("stopped at step %d; checkpoint saved to %s; run the same command to resume",
+                       self.step, self.out / LAST)
+        return 130
 
     def _stop_agreed(self, requested: bool) -> bool:
         """Whether any process was asked to stop (all processes agree, so they save at the same step)."""

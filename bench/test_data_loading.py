@@ -1,0 +1,151 @@
+"""Data-loading throughput: DALI (CPU pipeline, and GPU "mixed" where there is one) vs the PyTorch fallback.
+
+    pytest bench/test_data_loading.py --benchmark    # full: writes bench/results/data_loading.{json,md}
+    pytest bench/test_data_loading.py                # smoke check in seconds, writes nothing
+
+Input: a folder of ImageNet-sized JPEGs (500x375, quality 90, ~ImageNet's mean size) cut from the
+demo photos, read as pre-training reads it: RandomResizedCrop 224 + flip + normalise, batch 64, every
+CPU core given to the loader (DALI threads / DataLoader workers). Also the embedded default: the demo
+folder at img_size 64. Images/s counts batches delivered on the training device, after one warm-up
+epoch, over whole epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import PIL
+import pytest
+import torch
+from PIL import Image
+
+from train.data import build_loader, dali_available, resolve_data_path
+from train.demo_data import source_photos
+
+CPUS = os.cpu_count() or 1
+HAS_GPU = torch.cuda.is_available()
+
+
+def make_imagenet_like(folder, count: int, seed: int = 0) -> None:
+    """`count` 500x375 JPEGs (q90) in 4 class folders, crops of the bundled photos."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in source_photos()]
+    for k in range(count):
+        photo = photos[k % len(photos)]
+        width, height = photo.size
+        w = int(min(width, height * 4 / 3) * rng.uniform(0.6, 1.0))
+        h = int(w * 3 / 4)
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        out = folder / f"class{k % 4}"
+        out.mkdir(parents=True, exist_ok=True)
+        photo.resize((500, 375), Image.Resampling.BICUBIC, box=(x0, y0, x0 + w, y0 + h)).save(
+            out / f"img{k:05d}.jpg", quality=90)
+
+
+def images_per_second(loader, epochs: int) -> float:
+    for _ in loader:  # warm-up: worker start, pipeline build, page cache
+        pass
+    torch.cuda.synchronize() if loader.device.type == "cuda" else None
+    start, count = time.perf_counter(), 0
+    for _ in range(epochs):
+        for images, _ in loader:
+            count += images.shape[0]
+    if loader.device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def configs(full: bool):
+    """(name, data, img_size, build_loader kwargs); data is 'imagenet' or 'demo'."""
+    device = torch.device("cuda" if HAS_GPU else "cpu")
+    out = []
+    if dali_available():
+        out.append(("DALI CPU pipeline", "imagenet", 224, dict(backend="dali", dali_device="cpu", device=device)))
+        if HAS_GPU:
+            out.append(("DALI mixed (GPU decode)", "imagenet", 224, dict(backend="dali", dali_device="mixed",
+                                                                          device=device)))
+    out.append(("PyTorch DataLoader + Pillow", "imagenet", 224, dict(backend="torch", device=device)))
+    if full:
+        out.append(("PyTorch DataLoader + Pillow, no JPEG draft", "imagenet", 224,
+                    dict(backend="torch", device=device, draft=False)))
+    if dali_available():
+        out.append(("DALI CPU pipeline", "demo", 64, dict(backend="dali", dali_device="cpu", device=device)))
+    out.append(("PyTorch DataLoader + Pillow", "demo", 64, dict(backend="torch", device=device)))
+    return out
+
+
+def machine_facts() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dali = None
+    if dali_available():
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    return {"cpu": cpu, "cpu_count": CPUS, "gpu": torch.cuda.get_device_name() if HAS_GPU else None,
+            "python": platform.python_version(), "torch": torch.__version__, "dali": dali,
+            "pillow": PIL.__version__, "numpy": np.__version__, "platform": platform.platform(),
+            "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
+            "command": "pytest " + shlex.join(sys.argv[1:]) if "pytest" in sys.argv[0] else shlex.join(sys.argv),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_results(results_dir, rows: list[dict], facts: dict, setup: dict) -> None:
+    (results_dir / "data_loading.json").write_text(json.dumps({"machine": facts, "setup": setup, "results": rows},
+                                                              indent=1) + "\n")
+    lines = ["# Data loading throughput", "",
+             f"{facts['date']} · CPU: {facts['cpu']} ({facts['cpu_count']} cores) · GPU: {facts['gpu'] or 'none'} · "
+             f"torch {facts['torch']} · DALI {facts['dali'] or 'not installed'} · Pillow {facts['pillow']} · "
+             f"Python {facts['python']} · load average before the run "
+             f"{' / '.join(map(str, facts['load_average_1_5_15_min']))} (1/5/15 min)", "",
+             f"Command: `{facts['command']}`", "",
+             f"ImageNet-like: {setup['imagenet_images']} JPEGs 500x375 q90; demo: the embedded folder "
+             f"({setup['demo_images']} JPEGs, 160-256 px). Train augmentation (RandomResizedCrop + flip + normalise), "
+             f"batch {setup['batch_size']}, {setup['workers']} DALI threads / DataLoader workers, "
+             f"{setup['epochs']} timed epochs after one warm-up epoch.", "",
+             "| loader | data | img_size | images/s |", "|---|---|---|---|"]
+    lines += [f"| {r['loader']} | {r['data']} | {r['img_size']} | {r['images_per_s']:,.0f} |" for r in rows]
+    (results_dir / "data_loading.md").write_text("\n".join(lines) + "\n")
+
+
+def test_data_loading_throughput(tmp_path_factory, benchmark_full, request):
+    count, batch_size, epochs = (512, 64, 2) if benchmark_full else (16, 8, 1)
+    folder = tmp_path_factory.mktemp("imagenet_like")
+    make_imagenet_like(folder, count)
+    demo = resolve_data_path("demo")
+    facts = machine_facts()  # before the run: the load average tells whether others shared the CPU
+    rows = []
+    for name, data, img_size, kwargs in configs(benchmark_full):
+        root = folder if data == "imagenet" else demo
+        loader = build_loader(root, batch_size=batch_size, img_size=img_size, train=True, num_workers=CPUS,
+                              seed=0, **kwargs)
+        rate = images_per_second(loader, epochs)
+        images, _ = next(iter(loader))
+        assert images.shape == (batch_size, 3, img_size, img_size) and rate > 0
+        rows.append({"loader": name, "data": data, "img_size": img_size, "images_per_s": round(rate, 1),
+                     "backend": loader.backend, "device": str(loader.device)})
+        print(f"{name:45s} {data:9s} {img_size:4d}  {rate:9.1f} images/s")
+        del loader
+    if benchmark_full:
+        setup = {"imagenet_images": count, "demo_images": len(list(demo.rglob("*.jpg"))), "batch_size": batch_size,
+                 "workers": CPUS, "epochs": epochs}
+        write_results(request.getfixturevalue("results_dir"), rows, facts, setup)
+
+
+@pytest.mark.skipif(not (HAS_GPU and dali_available()), reason="DALI mixed decoding needs a CUDA GPU and DALI")
+def test_dali_mixed_smoke(tmp_path):
+    make_imagenet_like(tmp_path / "gpu", 16)
+    loader = build_loader(tmp_path / "gpu", batch_size=8, img_size=224, backend="dali", device="cuda", num_workers=2)
+    images, _labels = next(iter(loader))
+    assert loader.dali_device == "mixed" and images.is_cuda and images.shape == (8, 3, 224, 224)

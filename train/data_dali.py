@@ -1,0 +1,182 @@
+"""NVIDIA DALI backend: one pipeline for GPU ("mixed") and CPU decoding.
+
+`image_pipeline` is the whole augmentation: file read, ROI-aware decode of the crop window
+(`fn.decoders.image_slice`: on the GPU, nvJPEG decodes only the window's region), bicubic antialiased
+resize to img_size, mirror + ImageNet normalisation to float NCHW (`fn.crop_mirror_normalize`). The
+only difference between the GPU and CPU variants is `decoder_device` ("mixed" or "cpu"; with "cpu"
+the pipeline is built with device_id=None and never touches CUDA), so CI on a CPU runs the graph
+that trains on the GPU.
+
+The sample order, shards, crop windows and flips come from `EpochPlan` through an external source
+instead of DALI's own reader shuffle and random ops: that makes batches a pure function of
+(seed, epoch, batch index), hence exactly resumable, and identical to the PyTorch fallback's.
+
+Decode failures: the up-front scan removes files Pillow cannot decode. If DALI still fails on a
+batch, the loader finds the culprit files by decoding that batch's files one by one, replaces them
+within their batch (logged, listed in `loader.skipped`), rebuilds the pipeline at that batch, and
+carries on: an epoch never dies on a bad file.
+
+Tested with nvidia-dali-cuda130 2.4.0 (CPU pipelines; the mixed variant needs a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from train.data_folder import FolderLoader
+from train.data_index import ImageIndex
+from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
+
+logger = logging.getLogger("train.data")
+
+DALI_VERSION = __import__("nvidia.dali", fromlist=["__version__"]).__version__
+
+
+@pipeline_def(enable_conditionals=False)
+def image_pipeline(source, *, decoder_device: str, img_size: int):
+    """paths, relative windows (x0, y0) (w, h), flips, labels from `source` -> float (3, img_size, img_size), label."""
+    paths, anchors, shapes, flips, labels = fn.external_source(
+        source=source, num_outputs=5, batch=True, batch_info=True,
+        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64])
+    encoded = fn.io.file.read(paths)
+    images = fn.decoders.image_slice(encoded, anchors, shapes, device=decoder_device, output_type=types.RGB,
+                                     axis_names="WH", normalized_anchor=True, normalized_shape=True)
+    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.crop_mirror_normalize(images, mirror=flips, dtype=types.FLOAT, output_layout="CHW",
+                                      mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+    return images, labels
+
+
+@pipeline_def(enable_conditionals=False)
+def _decode_check_pipeline(source, *, decoder_device: str):
+    encoded = fn.io.file.read(fn.external_source(source=source, batch=False, dtype=types.UINT8))
+    return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+
+
+def _encode_path(path: str) -> np.ndarray:
+    return np.frombuffer(path.encode("utf-8"), dtype=np.uint8)
+
+
+class _PlanSource:
+    """External-source callback: batch `start + info.iteration` of `epoch`, StopIteration at the end."""
+
+    def __init__(self, loader: DaliLoader):
+        self.loader = weakref.proxy(loader)  # no cycle: the pipeline is freed with the loader
+        self.epoch, self.start = 0, 0
+
+    def __call__(self, info):
+        index = self.start + info.iteration
+        if index >= len(self.loader):
+            raise StopIteration
+        ids, boxes, flips, labels = self.loader._batch(self.epoch, index)
+        # Windows relative to the image size: always inside the decoded image, even if its size differed
+        # from the scan's (DALI rounds them back to the same integer window).
+        rel = (boxes / np.tile(self.loader.plan.sizes[ids], 2)).astype(np.float32)
+        rel[:, 2:] = np.minimum(rel[:, 2:], 1 - rel[:, :2])
+        files = self.loader.files
+        return ([_encode_path(files[i]) for i in ids], list(rel[:, :2]), list(rel[:, 2:]),
+                list(flips.astype(np.int32)), list(labels))
+
+
+class DaliLoader(FolderLoader):
+    """Image-folder loader on an NVIDIA DALI pipeline (see FolderLoader for the contract).
+
+    dali_device: "mixed" decodes on the GPU (needs CUDA; outputs land on that GPU), "cpu" runs every
+    operator on the CPU (device_id=None) and copies the batch to `device`; "auto" picks mixed when
+    `device` is a CUDA device.
+    """
+
+    backend = "dali"
+
+    def __init__(self, index: ImageIndex, plan: EpochPlan, device: torch.device, with_labels: bool,
+                 num_threads: int = 2, dali_device: str = "auto", prefetch_queue_depth: int = 2):
+        super().__init__(index, plan, device, with_labels)
+        if dali_device not in ("auto", "mixed", "cpu"):
+            raise ValueError(f"dali_device={dali_device!r}: expected one of ('auto', 'mixed', 'cpu')")
+        if dali_device == "auto":
+            dali_device = "mixed" if self.device.type == "cuda" else "cpu"
+        if dali_device == "mixed" and not torch.cuda.is_available():
+            raise ValueError("dali_device='mixed' needs CUDA, which is not available: use 'cpu'")
+        self.dali_device = dali_device
+        self.num_threads = max(1, int(num_threads))
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self._source = _PlanSource(self)
+        self._iterator = None
+        self._state = "none"  # "none": build before use, "done": reset before use, "open": mid-pass, rebuild
+
+    def _device_id(self):
+        if self.dali_device == "cpu":
+            return None
+        return self.device.index if self.device.type == "cuda" and self.device.index is not None \
+            else torch.cuda.current_device()
+
+    def _build(self) -> None:
+        pipe = image_pipeline(self._source, decoder_device=self.dali_device, img_size=self.plan.img_size,
+                              batch_size=self.plan.batch_size, num_threads=self.num_threads,
+                              device_id=self._device_id(), prefetch_queue_depth=self.prefetch_queue_depth,
+                              exec_async=True, exec_pipelined=True)
+        self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False,
+                                             last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def _start_pass(self, epoch: int, start: int) -> None:
+        self._source.epoch, self._source.start = epoch, start
+        if self._state == "done":
+            self._iterator.reset()  # the callback is only called again after this, with the new epoch
+        else:  # first use, or a pass abandoned mid-epoch: its prefetched batches belong to the old pass
+            self._iterator = None
+            self._build()
+        self._state = "open"
+
+    def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if start >= len(self):  # nothing left of this epoch (resumed at its very end): DALI would refuse
+            return
+        self._start_pass(epoch, start)
+        index, failures = start, 0
+        while True:
+            try:
+                out = next(self._iterator)[0]
+            except StopIteration:
+                self._state = "done"
+                return
+            except RuntimeError as exc:  # a decode failure stops the pipeline: isolate the file, rebuild, go on
+                failures += 1
+                if failures > self.plan.batch_size or not self._isolate_failures(epoch, index, exc):
+                    self._state = "none"
+                    raise
+                self._state = "none"
+                self._start_pass(epoch, index)
+                continue
+            index += 1
+            yield (out["images"].to(self.device, non_blocking=True),
+                   out["labels"].view(-1).to(self.device, non_blocking=True))
+
+    def _isolate_failures(self, epoch: int, index: int, exc: Exception) -> bool:
+        """Decode the files of batch `index` one by one; mark those that fail. True if any did."""
+        ids, _, _ = self.plan.batch(epoch, index)
+        failed = [int(i) for i in dict.fromkeys(ids.tolist()) if i not in self._bad and
+                  not self._decodes(self.index.files[i])]
+        if failed:
+            self._mark_bad(failed, f"DALI: {str(exc).strip().splitlines()[-1][:200]}")
+        return bool(failed)
+
+    def _decodes(self, path: str) -> bool:
+        def once(info):
+            return _encode_path(path)
+
+        pipe = _decode_check_pipeline(once, decoder_device=self.dali_device, batch_size=1, num_threads=1,
+                                      device_id=self._device_id(), prefetch_queue_depth=1)
+        try:
+            pipe.build()
+            pipe.run()
+            return True
+        except RuntimeError:
+            return False
+        finally:
+            del pipe

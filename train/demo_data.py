@@ -1,0 +1,165 @@
+"""The embedded demo dataset: real photographs shipped inside installed packages, as an image folder.
+
+`materialize_demo()` builds, once, `<cache>/demo/<photo>/<photo>_NNN.jpg` (cache: `$CROSSMAE_CACHE`,
+else `~/.cache/crossmae`): a few hundred JPEG crops (160-256 px, random positions and scales) of the
+photos scikit-image bundles in its wheel (never the ones it downloads), plus scikit-learn's and
+matplotlib's sample photos when those packages are installed. No network. One class folder per photo.
+
+The folder appears atomically: it is written under a temporary name and renamed into place, and the
+marker file is written last, so an interrupted build never leaves a half-built cache and racing
+processes (DDP ranks) each either build and rename or find the winner's folder.
+
+    python -m train.demo_data [--out DIR] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from train.data_index import cache_root
+
+logger = logging.getLogger("train.data")
+
+DEMO_VERSION = 1
+DEMO_IMAGES = 320
+_MARKER = "DEMO_COMPLETE.json"
+_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png")
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+_MATPLOTLIB_PHOTOS = ("grace_hopper.jpg",)
+
+
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it (imports can be slow or noisy)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def source_photos() -> list[Path]:
+    """The bundled photographs found in installed packages (skimage's are a hard dependency)."""
+    found = []
+    for package, sub, names in (("skimage", "data", _SKIMAGE_PHOTOS),
+                                ("sklearn", "datasets/images", _SKLEARN_PHOTOS),
+                                ("matplotlib", "mpl-data/sample_data", _MATPLOTLIB_PHOTOS)):
+        base = _package_dir(package)
+        if base is not None:
+            found += [base / sub / n for n in names if (base / sub / n).is_file()]
+    return found
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text()).get("version") == DEMO_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _write_demo(out: Path, photos: list[Path], num_images: int, seed: int) -> int:
+    rng = np.random.default_rng(seed)
+    per_photo = -(-num_images // len(photos))
+    written = 0
+    for photo in photos:
+        name = photo.stem
+        (out / name).mkdir()
+        with Image.open(photo) as im:
+            im = im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB")  # grayscale photos stay grayscale
+            width, height = im.size
+            for k in range(per_photo):
+                # A window covering 25-100% of the shorter side, aspect 3/4..4/3, anywhere in the photo.
+                side = min(width, height) * rng.uniform(0.25, 1.0)
+                aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+                w = int(min(width, side * np.sqrt(aspect)))
+                h = int(min(height, side / np.sqrt(aspect)))
+                x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                longest = int(rng.integers(160, 257))
+                scale = longest / max(w, h)
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                crop = im.resize(size, Image.Resampling.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
+                if rng.random() < 0.5:
+                    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                crop.save(out / name / f"{name}_{k:03d}.jpg", quality=90)
+                written += 1
+    return written
+
+
+def materialize_demo(cache_dir: str | os.PathLike | None = None, *, num_images: int = DEMO_IMAGES, seed: int = 0,
+                     force: bool = False) -> Path:
+    """The demo image folder, built on first use (see the module docstring). Returns its path."""
+    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    final = base / "demo"
+    if _complete(final) and not force:
+        return final
+    photos = source_photos()
+    if not photos:
+        raise FileNotFoundError("no bundled photographs found: the demo dataset needs scikit-image "
+                                "(pip install scikit-image)")
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(base)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=base))
+    try:
+        t0 = time.perf_counter()
+        count = _write_demo(tmp, photos, num_images, seed)
+        (tmp / _MARKER).write_text(json.dumps({"version": DEMO_VERSION, "images": count, "seed": seed,
+                                               "sources": [str(p) for p in photos]}, indent=1))
+        if force and final.exists():
+            _move_aside(final, base)
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process already put a complete folder there
+        except OSError:
+            if not _complete(final):  # a leftover that is not ours and not complete: replace it
+                _move_aside(final, base)
+                os.rename(tmp, final)
+        else:
+            logger.info("built the demo dataset: %d JPEGs from %d photos in %s (%.1f s)",
+                        count, len(photos), final, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def _move_aside(folder: Path, base: Path) -> None:
+    trash = Path(tempfile.mkdtemp(prefix=".demo-old-", dir=base))
+    try:
+        os.rename(folder, trash / "demo")
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_temps(base: Path, max_age_s: float = 3600.0) -> None:
+    """Temp folders of builds killed more than an hour ago (a live build takes seconds)."""
+    for entry in base.glob(".demo-*"):
+        try:
+            if time.time() - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the embedded demo image folder and print its path.")
+    parser.add_argument("--out", default=None, help="cache folder (default $CROSSMAE_CACHE or ~/.cache/crossmae)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(materialize_demo(args.out, force=args.force))
+
+
+if __name__ == "__main__":
+    main()
