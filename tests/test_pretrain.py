@@ -120,6 +120,8 @@ def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, backend, signum):
     (["--warmup_epochs", "50", "--epochs", "10"], "--warmup_epochs"),
     (["--precision", "fp16", "--device", "cpu"], "fp16"),
     (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth"),
+    (["--accum_iter", "0"], "--accum_iter"),
+    (["--mask_ratio", "1.0"], "mask_ratio"),
 ])
 def test_impossible_flags_are_rejected_before_any_work(tmp_path, flags, message, capsys):
     out = tmp_path / "never"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import math
 import signal
@@ -112,6 +113,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu")
     if args.precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
         p.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.resume is not None and not Path(args.resume).is_file():
         p.error(f"--resume {args.resume}: no such file")
     try:
@@ -212,12 +215,18 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------------
 
     def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A fixed evaluation batch (center crops) and fixed masks for the reconstruction grids."""
+        """Fixed images (center crops spread over the dataset's sorted order, hence over its classes)
+        and fixed masks for the reconstruction grids."""
         if self.args.data_root is None:
             return None
-        vis = build_loader(self.args.data_root, batch_size=VIS_IMAGES, img_size=self.cfg.img_size, train=False,
+        vis = build_loader(self.args.data_root, batch_size=1, img_size=self.cfg.img_size, train=False,
                            backend=self.args.data_backend, device=self.device, num_workers=0)
-        imgs, _ = next(iter(vis))
+        picks = [(i * len(vis)) // VIS_IMAGES for i in range(min(VIS_IMAGES, len(vis)))]
+        imgs = []
+        for index in picks:
+            vis.set_epoch(0, start_batch=index)
+            imgs.append(next(iter(vis))[0])
+        imgs = torch.cat(imgs)
         g = torch.Generator().manual_seed(self.args.seed)
         return imgs, torch.rand(imgs.shape[0], self.cfg.num_patches, generator=g).to(self.device)
 
