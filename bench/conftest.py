@@ -7,9 +7,16 @@ fixture, or mark tests that only make sense at full size with `@pytest.mark.full
 (The fixture is not called `benchmark`: pytest-benchmark owns that name.)
 """
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Kernels are decorated when `kernels` is first imported: without CUDA they must run in Triton's CPU
+# interpreter, which is read from the environment at that moment (as in tests/conftest.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

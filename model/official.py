@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 
-def _model_entry(checkpoint: Mapping) -> Mapping:
+def model_entry(checkpoint: Mapping) -> Mapping:
     """The authors save ``{"model": state_dict, ...}``; accept that or a bare state dict."""
     entry = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(entry, Mapping):
@@ -47,7 +47,7 @@ def load_official(model: nn.Module, checkpoint: Mapping | str | os.PathLike) -> 
     every missing, unexpected, misshapen or non-tensor entry; on error the model is left untouched."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
-    entry = _model_entry(checkpoint)
+    entry = model_entry(checkpoint)
     own = model.state_dict()
     missing = sorted(set(own) - set(entry))
     unexpected = sorted(set(entry) - set(own))
@@ -60,17 +60,17 @@ def load_official(model: nn.Module, checkpoint: Mapping | str | os.PathLike) -> 
     if missing or unexpected:
         hint = ("does the model's configuration (size, decoder_depth, inter_block, use_input, "
                 "feature_layers, decoder_self_attn) match the checkpoint's?")
-        raise KeyError(f"checkpoint does not match the model: missing {_short(missing)}, "
-                       f"unexpected {_short(unexpected)}; {hint}")
+        raise KeyError(f"checkpoint does not match the model: missing {short_list(missing)}, "
+                       f"unexpected {short_list(unexpected)}; {hint}")
     if not_tensors or misshapen:
-        raise ValueError(f"checkpoint entries with the wrong type or shape: {_short(not_tensors + misshapen)}")
+        raise ValueError(f"checkpoint entries with the wrong type or shape: {short_list(not_tensors + misshapen)}")
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(entry[key])
     return model
 
 
-def _short(names: list[str], limit: int = 8) -> str:
+def short_list(names: list[str], limit: int = 8) -> str:
     if not names:
         return "none"
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""

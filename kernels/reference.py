@@ -1,0 +1,118 @@
+"""Plain PyTorch references for every op in `kernels/`: same signatures, layouts and output dtypes.
+
+They define the semantics the Triton kernels are tested against, serve as the benchmarks' baselines, and are
+the fallback when Triton cannot run (CPU tensors without TRITON_INTERPRET=1). They are written for clarity:
+they compute in fp32 and materialise intermediates. Autograd of these functions is the gradient reference.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per (batch, head) in fp32. q (B, Lq, H, d), k / v (B, Lk, H, d) -> (B, Lq, H, d)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    return out.to(q.dtype).contiguous()
+
+
+def feature_mix_layernorm_reference(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """out[j] = LayerNorm_j(sum_i weight[j, i] * feats[i]) in fp32.
+
+    feats (k, N, C), weight (depth, k), ln_weight / ln_bias (depth, C) -> (depth, N, C) in feats.dtype.
+    """
+    mixed = torch.einsum("jk,knc->jnc", weight.float(), feats.float())
+    normed = F.layer_norm(mixed, (mixed.shape[-1],), eps=eps)
+    out = normed * ln_weight.float()[:, None, :] + ln_bias.float()[:, None, :]
+    return out.to(feats.dtype)
+
+
+def gather_visible_reference(x: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """out[b, t] = x[b, ids[b, t]] + pos[ids[b, t]], added in fp32, returned in x.dtype.
+
+    x (B, L, C), pos (L, C), ids (B, n) int64 -> (B, n, C).
+    """
+    index = ids[..., None].expand(-1, -1, x.shape[-1])
+    return (torch.gather(x, 1, index).float() + pos.float()[ids]).to(x.dtype)
+
+
+def gather_rows_reference(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """out[b, t] = table[ids[b, t]]. table (L, D), ids (B, n) -> (B, n, D)."""
+    return table[ids]
+
+
+def patchify_reference(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, c, H, W) -> (B, L, p*p*c) in patch layout (h, w, p, q, c): rows, then columns, then channel."""
+    B, c, H, W = imgs.shape
+    p = patch_size
+    x = imgs.reshape(B, c, H // p, p, W // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, c)
+    return x.reshape(B, (H // p) * (W // p), p * p * c)
+
+
+def unpatchify_reference(patches: torch.Tensor, img_size: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of patchify_reference: (B, L, p*p*c) -> (B, c, H, W)."""
+    B, _, P = patches.shape
+    H, W = img_size
+    p = patch_size
+    c = P // (p * p)
+    x = patches.reshape(B, H // p, W // p, p, p, c)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
+    return x.reshape(B, c, H, W)
+
+
+def gather_target_patches_reference(
+    imgs: torch.Tensor,
+    ids: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patches of imgs at ids, optionally normalised per patch by mean and unbiased variance.
+
+    imgs (B, c, H, W), ids (B, n) -> targets (B, n, p*p*c) in imgs.dtype, mean and var (B, n, 1) fp32
+    (statistics of the raw patch, returned whether or not norm_pix is set). No gradient.
+    """
+    with torch.no_grad():
+        patches = patchify_reference(imgs, patch_size).float()
+        target = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True, unbiased=True)
+        if norm_pix:
+            target = (target - mean) / torch.sqrt(var + eps)
+        return target.to(imgs.dtype), mean, var
+
+
+def scatter_patches_reference(
+    patches: torch.Tensor,
+    ids: torch.Tensor,
+    img_size: int | tuple[int, int],
+    patch_size: int,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paste patches (B, n, p*p*c) at patch indices ids (B, n) into an image (B, c, H, W).
+
+    On top of `base` (B, c, H, W) if given, else zeros. ids must be distinct within each row here (with duplicate
+    ids torch.scatter picks an unspecified winner; the Triton op keeps the last one).
+    """
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    B, _, P = patches.shape
+    p = patch_size
+    c = P // (p * p)
+    if base is None:
+        base = patches.new_zeros((B, c, *img_size))
+    base_patches = patchify_reference(base, p).to(patches.dtype)
+    pasted = base_patches.scatter(1, ids[..., None].expand(-1, -1, P), patches)
+    return unpatchify_reference(pasted, img_size, p)

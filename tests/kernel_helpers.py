@@ -1,0 +1,86 @@
+"""Shared helpers of the kernel tests (tests/test_kernels_*.py): devices, tolerances, comparisons, inputs.
+
+The tests compare every Triton op and every gradient with autograd of its PyTorch reference
+(kernels/reference.py) on fresh random inputs. Without CUDA the kernels run in Triton's CPU interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1) in fp32; the `gpu` tests run fp16 / bf16 at realistic shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import kernels
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+requires_kernels = pytest.mark.skipif(not (CUDA or kernels.INTERPRET),
+                                      reason="the kernels need a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py)")
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+
+# Tolerances relative to the largest reference value, per dtype (outputs and gradients alike).
+# fp32: the kernels compute exactly what the reference computes, up to summation order.
+# fp16 / bf16: a few units in the last place of the storage format; on the GPU a kernel may also be as far
+# from the fp32 reference as twice PyTorch's own kernel in that dtype.
+RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def reseed() -> int:
+    """Seed torch with a fresh random seed (or KERNEL_TEST_SEED) and print it: pytest shows it on failure."""
+    value = int(os.environ.get("KERNEL_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"seed={value} (rerun with KERNEL_TEST_SEED={value})")
+    return value
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.float() - expected.float()).abs().max().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "",
+                 baseline: torch.Tensor | None = None) -> None:
+    """max |actual - expected| <= rtol * max(max |expected|, 1) (or <= 2x the error of `baseline`, if given).
+
+    The floor of 1 (inputs are O(1)) keeps gradients that are exactly zero in exact arithmetic (dq with a
+    single key) from demanding a zero rounding error.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.abs().max().item(), 1.0)
+    err = max_err(actual, expected)
+    bound = rtol * scale
+    if baseline is not None:
+        bound = max(bound, 2 * max_err(baseline, expected))
+    assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g} (max |ref| {scale:.3g})"
+
+
+def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def distinct_ids(B: int, L: int, n: int, device=DEVICE) -> torch.Tensor:
+    return torch.stack([torch.randperm(L, device=device)[:n] for _ in range(B)])
+
+
+
+def attn_inputs(B, Lq, Lk, H, d, dtype=torch.float32):
+    q = torch.randn(B, Lq, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Lk, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Lk, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def mix_inputs(K, N, C, J, dtype=torch.float32, param_dtype=torch.float32):
+    feats = torch.randn(K, N, C, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(J, K, device=DEVICE, dtype=param_dtype) / math.sqrt(K)).requires_grad_()
+    gamma = (1 + 0.2 * torch.randn(J, C, device=DEVICE, dtype=param_dtype)).requires_grad_()
+    beta = (0.2 * torch.randn(J, C, device=DEVICE, dtype=param_dtype)).requires_grad_()
+    return feats, weight, gamma, beta

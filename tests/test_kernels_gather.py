@@ -1,0 +1,187 @@
+"""Gathers and scatters (kernels/gather.py) against their references, gradients included, duplicate ids too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import (
+    DEVICE,
+    GPU_DTYPES,
+    RTOL,
+    assert_close,
+    distinct_ids,
+    gpu,
+    grads,
+    requires_kernels,
+    reseed,
+)
+
+import kernels
+from kernels import reference as ref
+
+pytestmark = requires_kernels
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    return reseed()
+
+
+@pytest.mark.parametrize("B,L,C,n", [(3, 10, 40, 4), (2, 49, 24, 37), (1, 5, 300, 5)])
+@pytest.mark.parametrize("pos_grad", [False, True])
+def test_gather_visible(B, L, C, n, pos_grad):
+    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE, requires_grad=pos_grad)
+    ids = distinct_ids(B, L, n)
+    out = kernels.gather_visible(x, pos, ids)
+    expected = ref.gather_visible_reference(x, pos, ids)
+    assert out.is_contiguous()
+    assert_close(out, expected, 1e-6, "out")
+    leaves = (x, pos) if pos_grad else (x,)
+    dout = torch.randn_like(out)
+    names = ("dx", "dpos")[: len(leaves)]
+    for name, g, w in zip(names, grads(out, leaves, dout), grads(expected, leaves, dout), strict=True):
+        assert_close(g, w, 1e-4, name)
+
+
+def test_gather_visible_strided_x_and_int32_ids():
+    B, L, C, n = 2, 12, 40, 5
+    x_t = torch.randn(B, C, L, device=DEVICE, requires_grad=True)  # e.g. a conv output before flatten/transpose
+    x = x_t.transpose(1, 2)
+    pos = torch.randn(L, C, device=DEVICE)
+    ids = distinct_ids(B, L, n).to(torch.int32)
+    out = kernels.gather_visible(x, pos, ids)
+    expected = ref.gather_visible_reference(x, pos, ids.long())
+    assert_close(out, expected, 1e-6, "out")
+    dout = torch.randn_like(out)
+    assert_close(grads(out, (x_t,), dout)[0], grads(expected, (x_t,), dout)[0], 1e-6, "dx")
+
+
+def test_gather_duplicate_ids_scatter_add_gradient():
+    """Duplicate ids (not produced by masking, but legal) give the exact scatter-add gradient."""
+    B, L, C, n = 3, 6, 40, 20
+    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE, requires_grad=True)
+    table = torch.randn(L, 24, device=DEVICE, requires_grad=True)
+    ids = torch.randint(0, L, (B, n), device=DEVICE)
+    out = kernels.gather_visible(x, pos, ids)
+    expected = ref.gather_visible_reference(x, pos, ids)
+    dout = torch.randn_like(out)
+    for name, g, w in zip(("dx", "dpos"), grads(out, (x, pos), dout), grads(expected, (x, pos), dout), strict=True):
+        assert_close(g, w, 1e-4, name)
+    rows = kernels.gather_rows(table, ids)
+    assert_close(rows, ref.gather_rows_reference(table, ids), 0, "rows")
+    drows = torch.randn_like(rows)
+    assert_close(grads(rows, (table,), drows)[0], grads(ref.gather_rows_reference(table, ids), (table,), drows)[0],
+                 1e-4, "dtable")
+
+
+@pytest.mark.parametrize("B,L,D,n", [(3, 10, 24, 7), (4, 50, 32, 49), (2, 196, 40, 17)])
+def test_gather_rows(B, L, D, n):
+    table = torch.randn(L, D, device=DEVICE, requires_grad=True)
+    ids = distinct_ids(B, L, n)
+    out = kernels.gather_rows(table, ids)
+    expected = ref.gather_rows_reference(table, ids)
+    assert_close(out, expected, 0, "out")
+    dout = torch.randn_like(out)
+    assert_close(grads(out, (table,), dout)[0], grads(expected, (table,), dout)[0], 1e-4, "dtable")
+
+
+# (B, c, H, W, patch_size, n)
+PATCH_SHAPES = [(2, 3, 12, 8, 4, 4), (2, 3, 28, 28, 14, 3), (1, 1, 6, 9, 3, 5), (3, 3, 32, 32, 16, 3)]
+
+
+@pytest.mark.parametrize("shape", PATCH_SHAPES, ids=lambda s: "B{}-c{}-{}x{}-p{}-n{}".format(*s))
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_gather_target_patches(shape, norm_pix):
+    B, c, H, W, p, n = shape
+    imgs = torch.randn(B, c, H, W, device=DEVICE) * 2 + 0.5
+    ids = distinct_ids(B, (H // p) * (W // p), n)
+    got = kernels.gather_target_patches(imgs, ids, p, norm_pix=norm_pix)
+    want = ref.gather_target_patches_reference(imgs, ids, p, norm_pix=norm_pix)
+    for name, g, w in zip(("targets", "mean", "var"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, 1e-5, name)
+
+
+def test_gather_target_patches_layout_and_channels_last():
+    """Patch layout (h, w, p, q, c) spelled out element by element, on a channels-last image."""
+    B, c, H, W, p = 1, 3, 8, 12, 4
+    imgs = torch.randn(B, c, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+    ids = torch.tensor([[5, 0, 3]], device=DEVICE)
+    targets, _, _ = kernels.gather_target_patches(imgs, ids, p, norm_pix=False)
+    grid_w = W // p
+    for t, patch in enumerate(ids[0].tolist()):
+        gh, gw = divmod(patch, grid_w)
+        block = imgs[0, :, gh * p:(gh + 1) * p, gw * p:(gw + 1) * p]  # (c, p, q)
+        assert torch.equal(targets[0, t], block.permute(1, 2, 0).reshape(-1))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 12, 8, 4, 4), (1, 3, 28, 42, 14, 5)],
+                         ids=lambda s: "B{}-c{}-{}x{}-p{}-n{}".format(*s))
+def test_scatter_patches(shape, with_base):
+    B, c, H, W, p, n = shape
+    patches = torch.randn(B, n, p * p * c, device=DEVICE, requires_grad=True)
+    base = torch.randn(B, c, H, W, device=DEVICE, requires_grad=True) if with_base else None
+    ids = distinct_ids(B, (H // p) * (W // p), n)
+    out = kernels.scatter_patches(patches, ids, (H, W), p, base=base)
+    expected = ref.scatter_patches_reference(patches, ids, (H, W), p, base=base)
+    assert out.is_contiguous() and out.shape == (B, c, H, W)
+    assert_close(out, expected, 0, "image")
+    leaves = (patches, base) if with_base else (patches,)
+    dout = torch.randn_like(out)
+    names = ("dpatches", "dbase")[: len(leaves)]
+    for name, g, w in zip(names, grads(out, leaves, dout), grads(expected, leaves, dout), strict=True):
+        assert_close(g, w, 0, name)
+
+
+def test_scatter_patches_duplicate_ids_last_wins():
+    B, c, H, p = 1, 2, 4, 2
+    patches = torch.randn(B, 3, p * p * c, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([[1, 1, 2]], device=DEVICE)
+    out = kernels.scatter_patches(patches, ids, H, p)
+    expected = ref.scatter_patches_reference(patches[:, 1:], ids[:, 1:], H, p)
+    assert_close(out, expected, 0, "image")
+    dpatches = grads(out, (patches,), torch.ones_like(out))[0]
+    assert torch.all(dpatches[0, 0] == 0) and torch.all(dpatches[0, 1:] == 1)
+
+
+def test_gather_rejects_bad_inputs():
+    x = torch.randn(2, 10, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="pos"):
+        kernels.gather_visible(x, torch.randn(9, 8, device=DEVICE), distinct_ids(2, 10, 3))
+    with pytest.raises(ValueError, match="ids"):
+        kernels.gather_rows(x[0], torch.zeros(2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.gather_target_patches(torch.randn(1, 3, 10, 10, device=DEVICE), distinct_ids(1, 4, 2), 4)
+
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gathers_gpu(dtype):
+    B, L, C, p = 16, 196, 768, 16
+    x = torch.randn(B, L, C, device=DEVICE, dtype=dtype, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE)
+    ids = distinct_ids(B, L, 49)
+    out = kernels.gather_visible(x, pos, ids)
+    expected = ref.gather_visible_reference(x, pos, ids)
+    assert_close(out, expected, RTOL[dtype], "gather_visible")
+    dout = torch.randn_like(out)
+    assert_close(grads(out, (x,), dout)[0], grads(expected, (x,), dout)[0], 0, "dx")
+    table = torch.randn(L, 512, device=DEVICE, dtype=dtype, requires_grad=True)
+    rows = kernels.gather_rows(table, ids)
+    drows = torch.randn_like(rows)
+    assert_close(grads(rows, (table,), drows)[0],
+                 grads(ref.gather_rows_reference(table.float(), ids), (table,), drows.float())[0].to(dtype),
+                 RTOL[dtype], "dtable")
+    imgs = torch.randn(B, 3, 224, 224, device=DEVICE, dtype=dtype)
+    got = kernels.gather_target_patches(imgs, ids, p)
+    want = ref.gather_target_patches_reference(imgs, ids, p)
+    for name, g, w in zip(("targets", "mean", "var"), got, want, strict=True):
+        assert_close(g, w, RTOL[dtype], name)
+    patches = torch.randn(B, 49, p * p * 3, device=DEVICE, dtype=dtype)
+    assert_close(kernels.scatter_patches(patches, ids, 224, p, base=imgs),
+                 ref.scatter_patches_reference(patches, ids, 224, p, base=imgs), 0, "scatter_patches")
