@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import kernels
 from kernel_helpers import (
     DEVICE,
     GPU_DTYPES,
@@ -18,8 +20,6 @@ from kernel_helpers import (
     requires_kernels,
     reseed,
 )
-
-import kernels
 from kernels import reference as ref
 
 pytestmark = requires_kernels

@@ -22,6 +22,7 @@ import tempfile
 import pytest
 import torch
 import triton
+
 from kernel_helpers import requires_kernels
 
 try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import kernels
 from kernel_helpers import (
     DEVICE,
     GPU_DTYPES,
@@ -17,8 +19,6 @@ from kernel_helpers import (
     requires_kernels,
     reseed,
 )
-
-import kernels
 from kernels import reference as ref
 from kernels.feature_mix import feature_mix_backward, feature_mix_forward
 

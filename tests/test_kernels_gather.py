@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import kernels
 from kernel_helpers import (
     DEVICE,
     GPU_DTYPES,
@@ -16,8 +18,6 @@ from kernel_helpers import (
     requires_kernels,
     reseed,
 )
-
-import kernels
 from kernels import reference as ref
 
 pytestmark = requires_kernels

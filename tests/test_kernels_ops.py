@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 import torch
+
+import kernels
 from kernel_helpers import (
     CUDA,
     DEVICE,
@@ -20,8 +22,6 @@ from kernel_helpers import (
     requires_kernels,
     reseed,
 )
-
-import kernels
 from kernels import gather as gather_mod
 from kernels.attention import attention_backward, attention_forward
 from kernels.feature_mix import feature_mix_backward, feature_mix_forward

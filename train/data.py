@@ -67,7 +67,8 @@ def available_backends() -> list[str]:
 
 
 def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
-    """"demo" -> the embedded demo folder (built once in the cache); "synthetic"/None -> None; else the path.
+    """"demo" -> the embedded demo folder (built once in the cache); "digits[/train|/val]" -> the embedded
+    labelled digits (train/ and val/ folders); "synthetic"/None -> None; else the path.
 
     Raises FileNotFoundError naming the path if it does not exist.
     """
@@ -77,6 +78,10 @@ def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
         from train.demo_data import materialize_demo
 
         return materialize_demo()
+    if str(data_path).split("/")[0] == "digits":  # "digits", "digits/train", "digits/val"
+        from train.demo_data import materialize_digits
+
+        return materialize_digits() / str(data_path)[len("digits"):].lstrip("/")
     path = Path(data_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data_path {str(data_path)!r} does not exist: pass an image folder "

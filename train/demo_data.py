@@ -33,6 +33,7 @@ logger = logging.getLogger("train.data")
 
 DEMO_VERSION = 1
 DEMO_IMAGES = 320
+DIGITS_SIZE = 32
 _MARKER = "DEMO_COMPLETE.json"
 _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png")
@@ -101,22 +102,60 @@ def _write_demo(out: Path, photos: list[Path], num_images: int, seed: int) -> in
 def materialize_demo(cache_dir: str | os.PathLike | None = None, *, num_images: int = DEMO_IMAGES, seed: int = 0,
                      force: bool = False) -> Path:
     """The demo image folder, built on first use (see the module docstring). Returns its path."""
+    def build(tmp: Path) -> dict:
+        photos = source_photos()
+        if not photos:
+            raise FileNotFoundError("no bundled photographs found: the demo dataset needs scikit-image "
+                                    "(pip install scikit-image)")
+        count = _write_demo(tmp, photos, num_images, seed)
+        return {"images": count, "seed": seed, "sources": [str(p) for p in photos]}
+
+    return _materialize("demo", build, cache_dir, force)
+
+
+def materialize_digits(cache_dir: str | os.PathLike | None = None, *, size: int = DIGITS_SIZE,
+                       val_fraction: float = 0.2, seed: int = 0, force: bool = False) -> Path:
+    """scikit-learn's handwritten digits (1,797 labelled 8x8 images, shipped in its wheel) as
+    ``digits/{train,val}/<digit>/*.png``, upscaled to ``size`` pixels, RGB; a fixed stratified split.
+    The embedded labelled dataset of the fine-tuning and linear-probing demos."""
+    def build(tmp: Path) -> dict:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise FileNotFoundError("the digits dataset needs scikit-learn (pip install scikit-learn)") from e
+        digits = load_digits()
+        rng = np.random.default_rng(seed)
+        counts = {"train": 0, "val": 0}
+        for label in range(10):
+            ids = rng.permutation(np.flatnonzero(digits.target == label))
+            n_val = round(len(ids) * val_fraction)
+            for split, chosen in (("val", ids[:n_val]), ("train", ids[n_val:])):
+                folder = tmp / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in chosen:
+                    pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+                    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+                    image.save(folder / f"{i:04d}.png")
+                    counts[split] += 1
+        return {"images": counts, "size": size, "seed": seed}
+
+    return _materialize("digits", build, cache_dir, force)
+
+
+def _materialize(name: str, build, cache_dir: str | os.PathLike | None, force: bool) -> Path:
+    """Build ``<cache>/<name>`` once: ``build(tmp_folder)`` writes the files and returns a description,
+    the marker goes in last, and one atomic rename publishes the folder."""
     base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    final = base / "demo"
+    final = base / name
     if _complete(final) and not force:
         return final
-    photos = source_photos()
-    if not photos:
-        raise FileNotFoundError("no bundled photographs found: the demo dataset needs scikit-image "
-                                "(pip install scikit-image)")
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(base)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=base))
     try:
         t0 = time.perf_counter()
-        count = _write_demo(tmp, photos, num_images, seed)
-        (tmp / _MARKER).write_text(json.dumps({"version": DEMO_VERSION, "images": count, "seed": seed,
-                                               "sources": [str(p) for p in photos]}, indent=1))
+        info = build(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"version": DEMO_VERSION, **info}, indent=1))
         if force and final.exists():
             _move_aside(final, base)
         try:
@@ -126,17 +165,16 @@ def materialize_demo(cache_dir: str | os.PathLike | None = None, *, num_images: 
                 _move_aside(final, base)
                 os.rename(tmp, final)
         else:
-            logger.info("built the demo dataset: %d JPEGs from %d photos in %s (%.1f s)",
-                        count, len(photos), final, time.perf_counter() - t0)
+            logger.info("built the %s dataset in %s (%.1f s)", name, final, time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return final
 
 
 def _move_aside(folder: Path, base: Path) -> None:
-    trash = Path(tempfile.mkdtemp(prefix=".demo-old-", dir=base))
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=base))
     try:
-        os.rename(folder, trash / "demo")
+        os.rename(folder, trash / folder.name)
     except FileNotFoundError:
         pass
     shutil.rmtree(trash, ignore_errors=True)
@@ -144,7 +182,7 @@ def _move_aside(folder: Path, base: Path) -> None:
 
 def _remove_stale_temps(base: Path, max_age_s: float = 3600.0) -> None:
     """Temp folders of builds killed more than an hour ago (a live build takes seconds)."""
-    for entry in base.glob(".demo-*"):
+    for entry in [*base.glob(".*-tmp-*"), *base.glob(".*-old-*")]:
         try:
             if time.time() - entry.stat().st_mtime > max_age_s:
                 shutil.rmtree(entry, ignore_errors=True)

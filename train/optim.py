@@ -46,3 +46,63 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: to
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                       no_decay: tuple[str, ...] = ("pos_embed", "cls_token")) -> list[dict]:
+    """Parameter groups for fine-tuning with layer-wise lr decay: a parameter of layer i (0 = the
+    embeddings, depth + 1 = the head, see ``ViTClassifier.layer_id``) gets ``lr_scale =
+    layer_decay ** (depth + 1 - i)``. No weight decay on vectors and on ``no_decay`` names."""
+    top = model.cfg.depth + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = model.layer_id(name)
+        decay = p.ndim >= 2 and name not in no_decay
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (top - layer),
+            "layer": layer,
+        })
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 when the group has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as MAE's linear probe
+    uses it: for matrices the update (gradient + weight decay) is scaled by
+    ``trust * ||w|| / ||update||``; vectors (biases, norms) take plain momentum SGD."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where(w_norm > 0, torch.where(u_norm > 0, group["trust_coefficient"] * w_norm
+                                                                / u_norm, one), one)
+                    update = update * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+        return loss

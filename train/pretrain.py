@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(list_models())}")
     m.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
+    m.add_argument("--patch_size", type=int, default=None, help="patch size (default: the model's)")
     m.add_argument("--mask_ratio", type=float, default=0.75)
     m.add_argument("--kept_mask_ratio", type=float, default=0.25,
                    help="CrossMAE's prediction ratio gamma (fraction of all patches); ignored for MAE")
@@ -135,7 +136,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"mask_ratio": args.mask_ratio, "norm_pix_loss": args.norm_pix_loss}
     if not args.model.startswith("mae"):
         overrides["kept_mask_ratio"] = args.kept_mask_ratio
-    for name in ("img_size", "decoder_depth", "backend"):
+    for name in ("img_size", "patch_size", "decoder_depth", "backend"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return overrides
