@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 
 import numpy as np
-import PIL
 import pytest
 import torch
 from PIL import Image
 
+from bench.common import machine_facts as common_machine_facts
 from train.data import build_loader, dali_available, resolve_data_path
 from train.demo_data import source_photos
 
@@ -82,23 +78,13 @@ def configs(full: bool):
 
 
 def machine_facts() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    """bench/common.py's facts (card, versions, CPU, load average, command, date) plus the DALI version."""
     dali = None
     if dali_available():
         import nvidia.dali
 
         dali = nvidia.dali.__version__
-    return {"cpu": cpu, "cpu_count": CPUS, "gpu": torch.cuda.get_device_name() if HAS_GPU else None,
-            "python": platform.python_version(), "torch": torch.__version__, "dali": dali,
-            "pillow": PIL.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
-            "command": "pytest " + shlex.join(sys.argv[1:]) if "pytest" in sys.argv[0] else shlex.join(sys.argv),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {**common_machine_facts(), "dali": dali}
 
 
 def write_results(results_dir, rows: list[dict], facts: dict, setup: dict) -> None:

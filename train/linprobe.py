@@ -1,6 +1,6 @@
 """Linear probing of a frozen pre-trained encoder (MAE's recipe; see train/classify.py for the loop).
 
-    python -m train.linprobe --finetune output/pretrain/checkpoint-last.pth     # demo: the embedded digits
+    python -m train.linprobe              # demo: the embedded digits, random init (python -m train.demo_eval compares)
 
     # ViT-B/16 on ImageNet (effective batch 16384 = 256 x 8 accumulation x 8 GPUs, LARS, 90 epochs):
     torchrun --nproc_per_node=8 -m train.linprobe --model vit_base_patch16 --img_size 224 \\
