@@ -20,7 +20,7 @@ from torch import nn
 
 from model import ops
 from model.config import ModelConfig
-from model.layers import Block, CrossAttentionBlock, layer_norm, sincos_pos_table
+from model.layers import Block, CrossAttentionBlock, init_vit_weights, layer_norm, sincos_pos_table
 from model.masking import (
     MaskSplit,
     denormalize_patches,
@@ -115,24 +115,6 @@ class MaskedEncoder(nn.Module):
                 features.append(x)
         return features
 
-    def init_weights(self) -> None:
-        """MAE's initialisation of the whole model: xavier_uniform on every Linear and on the patch conv viewed as 2-D,
-        zero biases, LayerNorm (1, 0), tokens N(0, 0.02)."""
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name in ("cls_token", "mask_token"):
-                nn.init.normal_(p, std=0.02)
-
     # -- reconstruction and FLOPs -----------------------------------------------------------------
 
     def encoder_flops(self) -> int:
@@ -203,7 +185,7 @@ class CrossMAE(MaskedEncoder):
         )
         self.decoder_norm = layer_norm(D)
         self.decoder_pred = nn.Linear(D, cfg.patch_dim)
-        self.init_weights()
+        init_vit_weights(self)
         if cfg.inter_block:
             self.wfm.reset_parameters()
 
@@ -329,7 +311,7 @@ class MAE(MaskedEncoder):
         )
         self.decoder_norm = layer_norm(D)
         self.decoder_pred = nn.Linear(D, cfg.patch_dim)
-        self.init_weights()
+        init_vit_weights(self)
 
     def decode_all(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Predictions for all L patches, in patch order: (B, L, p*p*3)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from model.autoencoders import PatchEmbed
 from model.config import ModelConfig
-from model.layers import Block, layer_norm, sincos_pos_table
+from model.layers import Block, init_vit_weights, layer_norm, sincos_pos_table
 from model.official import model_entry, short_list
 from model.ops import check_backend, default_backend
 from model.registry import CONFIGS
@@ -60,21 +60,8 @@ class ViTClassifier(nn.Module):
             self.head = nn.Sequential(nn.BatchNorm1d(C, affine=False, eps=1e-6), linear)
         else:
             self.head = linear
-        self._init_weights(linear, head_std=0.01 if linear_probe else 2e-5)
-
-    def _init_weights(self, head: nn.Linear, head_std: float) -> None:
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(head.weight, std=head_std)
+        init_vit_weights(self)
+        nn.init.trunc_normal_(linear.weight, std=0.01 if linear_probe else 2e-5)  # MAE's head initialisations
 
     @property
     def head_linear(self) -> nn.Linear:

@@ -135,6 +135,25 @@ class CrossAttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_vit_weights(model: nn.Module) -> None:
+    """MAE's initialisation: xavier_uniform on every Linear and on the patch conv viewed as 2-D, zero
+    biases, LayerNorm (1, 0), and N(0, 0.02) for the cls and mask tokens."""
+    w = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name in ("cls_token", "mask_token"):
+            nn.init.normal_(p, std=0.02)
+
+
 def sincos_pos_table(dim: int, grid_size: int, cls_row: bool = True) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos position table, (grid_size**2 [+1], dim), float32.
 
