@@ -9,7 +9,7 @@
 #            the GPU, then bench/test_kernels.py --benchmark; shorter timeouts than its defaults so that everything
 #            fits one call: KERNEL_TEST_TIMEOUT (default 120 s; its own default is 330), KERNEL_BENCH_TIMEOUT
 #            (default 60 s; its own 240). For the kernels' full run use bench/gpu_kernels.sh alone in another call.
-#   tests    the rest of tests/ selected by -k "cuda or gpu" (GPU_ALL_TESTS=all: the whole of tests/), at most
+#   tests    the rest of tests/ selected by -k "cuda or gpu or triton_backend" (GPU_ALL_TESTS=all: the whole of tests/), at most
 #            TESTS_TIMEOUT (default 45) s. No DALI on the GPU image: tests needing it skip themselves.
 #   bench    python -m pytest <bench files> --benchmark -q -s: Table 5 and the end-to-end step first, then the other
 #            benchmark files (bench/test_kernels.py only when the kernels stage did not run it). The stage gets what
@@ -107,7 +107,7 @@ if has_stage tests; then
     stage_start=$SECONDS
     ignore=()
     has_stage kernels && ignore=(--ignore-glob='tests/test_kernels_*')
-    if [ "${GPU_ALL_TESTS:-gpu}" = "all" ]; then select=(); else select=(-k "cuda or gpu"); fi
+    if [ "${GPU_ALL_TESTS:-gpu}" = "all" ]; then select=(); else select=(-k "cuda or gpu or triton_backend"); fi
     timeout -k 10 "${TESTS_TIMEOUT:-45}" "$PY" -m pytest tests -q -rfEs ${select[@]+"${select[@]}"} \
         ${ignore[@]+"${ignore[@]}"} \
         >"$STAGE_DIR/tests.log" 2>&1

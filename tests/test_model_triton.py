@@ -1,7 +1,8 @@
 """backend="triton" against backend="torch": same loss, predictions and gradients.
 
-On this CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in
-fp32, so the two paths must agree to 1e-4 relative; on a GPU the same test runs compiled kernels.
+On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in fp32,
+so the two paths must agree to 1e-4 relative; on a GPU the same tests run the compiled kernels on the
+GPU (fp32), plus a bf16 autocast comparison with a bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from model import create_model
 pytestmark = pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton is not installed")
 
 TINY, TINY_MAE = "crossmae_vit_tiny_patch8", "mae_vit_tiny_patch8"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = {"depth": 2, "decoder_depth": 2}  # the interpreter is slow: fewer blocks, same code paths
 
 
@@ -26,7 +28,7 @@ def twin_models(name: str, **overrides):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     fused = create_model(name, backend="triton", **SMALL, **overrides)
     fused.load_state_dict(ref.state_dict())
-    return ref, fused
+    return ref.to(DEVICE), fused.to(DEVICE)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,10 +41,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     (TINY, {"decoder_self_attn": True, "kept_mask_ratio": 0.5}),
     (TINY_MAE, {}),
 ])
-def test_triton_backend_matches_torch_loss_and_gradients(name, overrides):
+def test_triton_backend_matches_torch_loss_and_gradients(name, overrides, monkeypatch):
     ref, fused = twin_models(name, **overrides)
     g = torch.Generator().manual_seed(11)
-    imgs, noise = torch.randn(2, 3, 64, 64, generator=g), torch.rand(2, 64, generator=g)
+    imgs, noise = torch.randn(2, 3, 64, 64, generator=g).to(DEVICE), torch.rand(2, 64, generator=g).to(DEVICE)
+    if DEVICE.type == "cuda":  # fp32 matmuls and convolutions, not TF32, so that 1e-4 is a fair bar
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     out_ref, out_fused = ref(imgs, noise), fused(imgs, noise)
     out_ref.loss.backward()
     out_fused.loss.backward()
@@ -56,9 +61,27 @@ def test_triton_backend_matches_torch_loss_and_gradients(name, overrides):
         assert rel_err(fused_params[k].grad, p.grad) < 1e-4, k
 
 
-def test_triton_reconstruction_matches_torch():
+def test_triton_backend_reconstruction_matches_torch():
     ref, fused = twin_models(TINY)
-    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 64)
+    imgs, noise = torch.randn(2, 3, 64, 64, device=DEVICE), torch.rand(2, 64, device=DEVICE)
     a, b = ref.reconstruct(imgs, noise), fused.reconstruct(imgs, noise)
     for key in a:
         assert rel_err(b[key], a[key]) < 1e-4, key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU")
+@pytest.mark.parametrize("name", [TINY, TINY_MAE])
+def test_triton_backend_bf16_autocast_on_gpu(name):
+    """Real shapes' dtype path: bf16 autocast, batch 16; loss and gradients within bf16 tolerance."""
+    ref, fused = twin_models(name)
+    imgs, noise = torch.randn(16, 3, 64, 64, device=DEVICE), torch.rand(16, 64, device=DEVICE)
+    losses = []
+    for model in (ref, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(imgs, noise)
+        out.loss.backward()
+        losses.append(out.loss.float())
+    assert abs(losses[1].item() - losses[0].item()) / losses[0].item() < 2e-2
+    fused_params = dict(fused.named_parameters())
+    for k, p in ref.named_parameters():
+        assert rel_err(fused_params[k].grad.float(), p.grad.float()) < 5e-2, k
