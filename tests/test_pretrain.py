@@ -162,6 +162,18 @@ def test_malicious_resume_file_is_refused_without_running_it(tmp_path, capsys):
     assert "evil.pth" in capsys.readouterr().out
 
 
+def test_resume_from_elsewhere_never_overwrites_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LAST).write_bytes(b"an earlier run's checkpoint")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        pretrain.main(["--output_dir", str(out), "--resume", str(other), *QUICK])
+    assert "would overwrite" in capsys.readouterr().err
+    assert (out / LAST).read_bytes() == b"an earlier run's checkpoint"
+
+
 def test_truncated_last_checkpoint_is_an_error_and_is_kept(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -116,8 +116,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.resume is not None and not Path(args.resume).is_file():
-        p.error(f"--resume {args.resume}: no such file")
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            p.error(f"--resume {args.resume}: no such file")
+        last = Path(args.output_dir) / LAST
+        if last.exists() and not last.samefile(args.resume):
+            p.error(f"--output_dir {args.output_dir} already holds {LAST} of another run, which resuming from "
+                    f"{args.resume} would overwrite: choose another --output_dir (or drop --resume to continue it)")
     try:
         cfg = get_config(args.model, **model_overrides(args))
     except ValueError as e:
@@ -199,6 +204,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.lr, args.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch_in_epoch = 0
+        self.saved_step = None  # the step checkpoint-last.pth holds, so that one step is never written twice
         self.total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
@@ -253,6 +259,9 @@ class Trainer:
     # -- checkpoints and pictures --------------------------------------------------------------------
 
     def save(self, keep: bool = False) -> None:
+        if self.saved_step == self.step and not keep:
+            return
+        self.saved_step = self.step
         rngs = distributed.all_gather_objects(rng_state())
         if not self.dist.is_main:
             return
