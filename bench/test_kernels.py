@@ -26,13 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import re
-import shlex
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -45,6 +40,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+from bench import common  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.attention import attention_backward, attention_forward  # noqa: E402
 
@@ -81,22 +77,9 @@ def try_time(fn, full: bool, grad_to_none=None) -> tuple[float | None, str | Non
 
 
 def machine_facts() -> dict:
-    import triton
-
-    facts = {"gpu": torch.cuda.get_device_name() if CUDA else None, "driver": None,
-             "cuda_runtime": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
-             "python": platform.python_version(), "interpreter": kernels.INTERPRET,
-             "command": "pytest " + shlex.join(sys.argv[1:]) if "pytest" in sys.argv[0] else shlex.join(sys.argv),
-             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if CUDA:
-        props = torch.cuda.get_device_properties(DEVICE)
-        facts["sm_count"] = props.multi_processor_count
-        facts["memory_gib"] = round(props.total_memory / 2**30, 1)
-        try:
-            facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                             capture_output=True, text=True, timeout=30).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
+    """bench.common's facts, plus what matters for kernels: interpreter or not, the optional references."""
+    facts = common.machine_facts()
+    facts["interpreter"] = kernels.INTERPRET
     for name in ("flash_attn", "xformers"):
         try:
             facts[name] = __import__(name).__version__
