@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.masking import gather_tokens, normalize_patches, patchify
+from model.masking import gather_tokens, normalize_patches, patchify, unpatchify
 
 BACKENDS = ("torch", "triton")
 
@@ -87,8 +87,6 @@ def paste_patches(patches: torch.Tensor, ids: torch.Tensor, base: torch.Tensor, 
         import kernels
 
         return kernels.scatter_patches(patches.to(base.dtype), ids, tuple(base.shape[-2:]), patch_size, base=base)
-    from model.masking import unpatchify
-
     grid = patchify(base, patch_size).scatter(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]),
                                               patches.to(base.dtype))
     return unpatchify(grid, patch_size, (base.shape[-2] // patch_size, base.shape[-1] // patch_size), base.shape[1])
