@@ -172,3 +172,21 @@ def test_bad_flags_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             classify.main("finetune", ["--output_dir", str(tmp_path / "o"), *flags])
         assert message in capsys.readouterr().err
+
+
+def test_linear_probe_on_two_ddp_processes(tmp_path):
+    """torchrun with gloo: the probe trains on disjoint shards and evaluates on all of val/ (padded to equal
+    shares: 359 images -> 2 x 180)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29541", "-m", "train.linprobe", "--output_dir", str(out), "--device", "cpu",
+                             *QUICK, "--epochs", "1"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val_images"] == 360 and 0 <= record["val_top1"] <= 100
