@@ -85,3 +85,16 @@ def test_triton_backend_bf16_autocast_on_gpu(name):
     fused_params = dict(fused.named_parameters())
     for k, p in ref.named_parameters():
         assert rel_err(fused_params[k].grad.float(), p.grad.float()) < 5e-2, k
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_MAE])
+def test_triton_backend_compiles_as_one_graph(name):
+    """The kernels are custom ops: torch.compile(fullgraph=True) traces the fused model without a break."""
+    torch._dynamo.reset()
+    model = create_model(name, backend="triton", depth=1, decoder_depth=1).to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 64, 64, device=DEVICE), torch.rand(2, 64, device=DEVICE)
+    eager = model(imgs, noise)["loss"]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(imgs, noise)["loss"]
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    assert model.blocks[0].attn.qkv.weight.grad is not None
