@@ -174,6 +174,15 @@ def test_resume_from_elsewhere_never_overwrites_a_run(tmp_path, capsys):
     assert (out / LAST).read_bytes() == b"an earlier run's checkpoint"
 
 
+def test_resuming_with_other_settings_is_refused_and_keeps_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain.main(["--output_dir", str(out), "--max_steps", "2", *QUICK]) == 0
+    before = (out / LAST).read_bytes()
+    assert pretrain.main(["--output_dir", str(out), "--max_steps", "4", *QUICK, "--batch_size", "4"]) == 2
+    assert "--batch_size 8 -> 4" in capsys.readouterr().out
+    assert (out / LAST).read_bytes() == before
+
+
 def test_truncated_last_checkpoint_is_an_error_and_is_kept(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -49,6 +49,10 @@ logger = logging.getLogger("train")
 
 DEFAULT_MODEL = "crossmae_vit_tiny_patch8"
 VIS_IMAGES = 8
+# Flags a resumed run must share with the run that wrote the checkpoint: they fix the model's shape, or the
+# meaning of the saved data position (batches of batch_size, in the order seed gives).
+SAME_RUN_FLAGS = ("model", "img_size", "patch_size", "decoder_depth", "mask_ratio", "kept_mask_ratio",
+                  "norm_pix_loss", "batch_size", "accum_iter", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,9 +246,13 @@ class Trainer:
         if self.args.resume is None and not path.exists():
             return
         ckpt = load_training_checkpoint(path)
-        if ckpt["args"].get("model") != self.args.model:
-            raise ValueError(f"{path} is a run of {ckpt['args'].get('model')!r}, not {self.args.model!r}: "
-                             "use another --output_dir, or --resume with a matching checkpoint")
+        changed = [f"--{k} {ckpt['args'].get(k)!r} -> {getattr(self.args, k)!r}" for k in SAME_RUN_FLAGS
+                   if ckpt["args"].get(k) != getattr(self.args, k)]
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            changed.append(f"processes {ckpt.get('world_size', 1)} -> {self.dist.world_size}")
+        if changed:
+            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
+                             "would not continue that run; repeat its flags, or use another --output_dir")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -273,6 +281,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
             "rng": rngs,
             "args": dict(vars(self.args)),
             "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.cfg).items()},
