@@ -200,6 +200,12 @@ class ClassifyRun:
         ckpt = read_checkpoint(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("mode") != self.args.mode:
             raise ValueError(f"{path} is not a train.{self.args.mode} checkpoint: use another --output_dir")
+        changed = [f"--{k} {ckpt['args'].get(k)!r} -> {getattr(self.args, k)!r}"
+                   for k in ("model", "img_size", "patch_size", "global_pool")
+                   if ckpt["args"].get(k) != getattr(self.args, k)]
+        if changed or ckpt.get("classes") != list(self.train_loader.classes):
+            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed) or 'classes'}): "
+                             "repeat its flags, or use another --output_dir")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.best_top1 = ckpt["epoch"], ckpt["best_top1"]
