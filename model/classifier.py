@@ -63,10 +63,6 @@ class ViTClassifier(nn.Module):
         init_vit_weights(self)
         nn.init.trunc_normal_(linear.weight, std=0.01 if linear_probe else 2e-5)  # MAE's head initialisations
 
-    @property
-    def head_linear(self) -> nn.Linear:
-        return self.head[1] if self.linear_probe else self.head
-
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pooled features (B, C)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data_folder import FolderLoader
+from train.data_folder import EpochPasses, FolderLoader
 from train.data_index import VALIDATE_MODES, ImageIndex, cache_root, scan_image_folder
 from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 
@@ -90,7 +90,7 @@ def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
     return path
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochPasses):
     """Random normalised images made on `device`: N(0, 1) pixels, the statistics of normalised data.
 
     Same interface and resumption contract as FolderLoader; batch b of epoch e is a pure function of
@@ -108,26 +108,12 @@ class SyntheticLoader:
         self.classes = [str(k) for k in range(num_classes)] if with_labels else []
         self.skipped: list[str] = []
         self.files: list[str] = []
-        self.epoch = 0
-        self._next_pass = (0, 0)
         self._length = num_images // (world_size * batch_size)
         if self._length == 0:
             raise ValueError(f"num_images={num_images} is less than batch_size x world_size: raise num_images")
 
     def __len__(self) -> int:
         return self._length
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if epoch < 0 or not 0 <= start_batch <= len(self):
-            raise ValueError(f"set_epoch({epoch}, start_batch={start_batch}): need epoch >= 0 and "
-                             f"0 <= start_batch <= {len(self)}")
-        self._next_pass = (int(epoch), int(start_batch))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self._next_pass
-        self._next_pass = (epoch + 1, 0)
-        self.epoch = epoch
-        return self._iterate(epoch, start)
 
     def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device=self.device)

@@ -14,7 +14,36 @@ from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 logger = logging.getLogger("train.data")
 
 
-class FolderLoader:
+class EpochPasses:
+    """The pass bookkeeping every loader shares: `set_epoch(e, start_batch=k)` chooses what the next
+    `iter()` yields (batches k.. of epoch e); a pass without it runs the epoch after the previous one.
+    Subclasses give `__len__` (batches per epoch) and `_iterate(epoch, start)`."""
+
+    epoch = 0
+    _next_pass = (0, 0)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next pass yield batches start_batch.. of `epoch` (0 <= start_batch <= len(self))."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}: must be >= 0")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch}: must be in [0, {len(self)}] (batches per epoch)")
+        self._next_pass = (int(epoch), int(start_batch))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self._next_pass
+        self._next_pass = (epoch + 1, 0)
+        self.epoch = epoch
+        return self._iterate(epoch, start)
+
+    def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class FolderLoader(EpochPasses):
     """Iterates (images, labels) batches of an `ImageIndex` following an `EpochPlan`.
 
     Resumption guarantee: `set_epoch(e, start_batch=k)` makes the next pass yield exactly batches
@@ -31,8 +60,6 @@ class FolderLoader:
 
     def __init__(self, index: ImageIndex, plan: EpochPlan, device: torch.device, with_labels: bool):
         self.index, self.plan, self.device, self.with_labels = index, plan, torch.device(device), with_labels
-        self.epoch = 0
-        self._next_pass = (0, 0)
         self._bad: set[int] = set()  # files that failed at run time despite the scan: replaced in their batch
 
     # ------------------------------------------------------------------ public
@@ -59,28 +86,11 @@ class FolderLoader:
     def __len__(self) -> int:
         return self.plan.num_batches
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next pass yield batches start_batch.. of `epoch` (0 <= start_batch <= len(self))."""
-        if epoch < 0:
-            raise ValueError(f"epoch={epoch}: must be >= 0")
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch={start_batch}: must be in [0, {len(self)}] (batches per epoch)")
-        self._next_pass = (int(epoch), int(start_batch))
-
     def batch_indices(self, epoch: int) -> list[np.ndarray]:
         """The file indices (into `files`) of each batch of `epoch` on this rank, before any replacement."""
         return [self.plan.batch(epoch, b)[0] for b in range(len(self))]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self._next_pass
-        self._next_pass = (epoch + 1, 0)
-        self.epoch = epoch
-        return self._iterate(epoch, start)
-
     # ------------------------------------------------------------------ for backends
-    def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError
-
     def _batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(file indices, windows (n, 4) as x0, y0, w, h, flips, labels), all int64, of one batch."""
         ids, boxes, flips = self.plan.batch(epoch, index)

@@ -60,11 +60,6 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
