@@ -18,15 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import ops
 from model.config import ModelConfig
-from model.layers import Block, CrossAttentionBlock, init_vit_weights, layer_norm, sincos_pos_table
-from model.masking import (
-    MaskSplit,
-    denormalize_patches,
-    gather_tokens,
-    split_ids,
-)
+from model.layers import Block, CrossAttentionBlock, init_vit_weights, layer_norm, run_blocks, sincos_pos_table
+from model.masking import MaskSplit, denormalize_patches, gather_tokens, split_ids
+from model.ops import ops_for
 
 
 class ModelOutput(dict):
@@ -55,6 +50,7 @@ class MaskedEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops_for(cfg.backend)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         # Fixed, never trained: a buffer, so it gets no gradient and no optimizer state.
@@ -92,28 +88,21 @@ class MaskedEncoder(nn.Module):
         The reference adds positions to all L patches and then gathers; gathering first gives the
         same numbers (the same elementwise sums) for a quarter of the additions.
         """
-        if self.cfg.backend == "triton":
-            # Embed only the visible patches: gather their pixels, then the conv as a matmul (a quarter
-            # of the patch-embedding work at mask ratio 0.75).
-            pixels = ops.target_patches(imgs, visible_ids, self.cfg.patch_size, False, "triton")
-            w = self.patch_embed.proj.weight  # (C, c, p, q) -> (C, p*q*c), the pixel layout of `pixels`
-            x = F.linear(pixels, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)
-        else:
-            x = gather_tokens(self.patch_embed(imgs), visible_ids)
-        x = x + ops.gather_rows(self.pos_embed[0, 1:], visible_ids, self.cfg.backend)
+        x = self.ops.embed_patches(imgs, visible_ids, self.patch_embed.proj)
+        x = self.ops.stream(x + self.ops.gather_rows(self.pos_embed[0, 1:], visible_ids))
         # The cls token gets no position: the table's cls row is all zero.
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
 
-    def encode(self, imgs: torch.Tensor, visible_ids: torch.Tensor, keep: tuple[int, ...]) -> list[torch.Tensor]:
-        """Run the encoder on the visible patches; return the outputs of the blocks in ``keep``
-        (ascending; -1 names the encoder input). Blocks after the last one kept are not run."""
+    def encode(self, imgs: torch.Tensor, visible_ids: torch.Tensor, keep: tuple[int, ...],
+               final_norm: nn.LayerNorm | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run the encoder on the visible patches. Returns (features, out): the outputs of the blocks in
+        ``keep`` (ascending; -1 names the encoder input) and the last block's output, through ``final_norm``
+        if given. Blocks after the last one kept are not run (``keep`` must then name the last one run)."""
         x = self.embed_visible(imgs, visible_ids)
-        features = [x] if -1 in keep else []
-        for i in range(max(keep) + 1):
-            x = self.blocks[i](x)
-            if i in keep:
-                features.append(x)
-        return features
+        n_run = max(keep) + 1
+        if n_run == 0:  # IBA over the encoder input alone
+            return [x], x
+        return run_blocks(self.blocks[:n_run], x, keep, final_norm)
 
     # -- reconstruction and FLOPs -----------------------------------------------------------------
 
@@ -138,16 +127,16 @@ class MaskedEncoder(nn.Module):
 
     def _reconstruction(self, imgs: torch.Tensor, pred: torch.Tensor, pred_ids: torch.Tensor,
                         visible_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        p, backend = self.cfg.patch_size, self.cfg.backend
+        p, ops = self.cfg.patch_size, self.ops
         if self.cfg.norm_pix_loss:
-            pred = denormalize_patches(pred.float(), ops.target_patches(imgs, pred_ids, p, False, backend))
+            pred = denormalize_patches(pred.float(), ops.target_patches(imgs, pred_ids, p, False))
         blank = torch.zeros_like(imgs)
-        visible = ops.target_patches(imgs, visible_ids, p, False, backend)
-        masked = ops.paste_patches(visible, visible_ids, blank, p, backend)
+        visible = ops.target_patches(imgs, visible_ids, p, False)
+        masked = ops.paste_patches(visible, visible_ids, blank, p)
         return {
             "masked": masked,
-            "reconstruction": ops.paste_patches(pred, pred_ids, blank, p, backend),
-            "pasted": ops.paste_patches(pred, pred_ids, masked, p, backend),
+            "reconstruction": ops.paste_patches(pred, pred_ids, blank, p),
+            "pasted": ops.paste_patches(pred, pred_ids, masked, p),
         }
 
 
@@ -189,58 +178,32 @@ class CrossMAE(MaskedEncoder):
         if cfg.inter_block:
             self.wfm.reset_parameters()
 
-    def features(self, imgs: torch.Tensor, visible_ids: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder features the decoder reads: the IBA candidates, or just the last output."""
+    def decoder_kv(self, imgs: torch.Tensor, visible_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoder; return every decoder block's projected keys and values, (B, 1 + len_keep, 2D)
+        each: from the IBA mix of the candidate features, or from the last, normalised encoder output."""
         cfg = self.cfg
+        kv_projections = [blk.cross_attn.kv for blk in self.decoder_blocks]
         if not cfg.inter_block:
-            return self.encode(imgs, visible_ids, (cfg.depth - 1,))
-        return self.encode(imgs, visible_ids, ((-1,) if cfg.use_input else ()) + cfg.feature_blocks)
-
-    def decoder_kv(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every decoder block's projected keys and values, (B, 1 + len_keep, 2D) each."""
-        if self.cfg.backend == "triton":
-            return self._decoder_kv_fused(features)
-        if self.cfg.inter_block:
-            mixed = self.wfm(features)  # (depth, B, T, C)
-            return [blk.project_kv(norm(mixed[j]))
-                    for j, (blk, norm) in enumerate(zip(self.decoder_blocks, self.dec_norms, strict=True))]
-        y = self.norm(features[-1])
-        return [blk.project_kv(y) for blk in self.decoder_blocks]
-
-    def _decoder_kv_fused(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The fused path: the IBA mix and its per-block LayerNorms in one kernel, then all blocks'
-        kv projections as one batched matmul (without IBA: one matmul against the stacked weights)."""
-        import kernels
-
-        B, T, C = features[0].shape
-        kv_weight = torch.stack([blk.cross_attn.kv.weight for blk in self.decoder_blocks])  # (depth, 2D, C)
-        kv_bias = torch.stack([blk.cross_attn.kv.bias for blk in self.decoder_blocks])  # (depth, 2D)
-        depth, two_d = kv_bias.shape
-        if self.cfg.inter_block:
-            dtype = ops.autocast_dtype(features[0])
-            stacked = torch.stack([f.to(dtype) for f in features]).view(len(features), B * T, C)
-            mixed = kernels.feature_mix_layernorm(
-                stacked, self.wfm.linear.weight, torch.stack([n.weight for n in self.dec_norms]),
-                torch.stack([n.bias for n in self.dec_norms]), eps=self.dec_norms[0].eps)  # (depth, B*T, C)
-            kv = torch.baddbmm(kv_bias.unsqueeze(1), mixed, kv_weight.transpose(1, 2))  # (depth, B*T, 2D)
-            return list(kv.view(depth, B, T, two_d).unbind(0))
-        y = self.norm(features[-1])
-        kv = F.linear(y, kv_weight.reshape(depth * two_d, C), kv_bias.reshape(-1)).view(B, T, depth, two_d)
-        return list(kv.unbind(2))
+            _, latent = self.encode(imgs, visible_ids, (cfg.depth - 1,), final_norm=self.norm)
+            return self.ops.shared_kv(latent, kv_projections)
+        features, _ = self.encode(imgs, visible_ids, ((-1,) if cfg.use_input else ()) + cfg.feature_blocks)
+        return self.ops.mixed_kv(features, self.wfm.linear, self.dec_norms, kv_projections)
 
     def decode(self, kv: list[torch.Tensor], query_ids: torch.Tensor) -> torch.Tensor:
         """Predict the patches at ``query_ids`` (B, n): (B, n, p*p*3)."""
-        x = ops.gather_rows(self.decoder_pos_embed[0, 1:], query_ids, self.cfg.backend) + self.mask_token
+        x = self.ops.stream(self.ops.gather_rows(self.decoder_pos_embed[0, 1:], query_ids) + self.mask_token)
+        pending = None
         for blk, kv_j in zip(self.decoder_blocks, kv, strict=True):
-            x = blk(x, kv_j)
-        return self.decoder_pred(self.decoder_norm(x))
+            x, pending = blk(x, pending, kv_j)
+        _, y = self.ops.add_layer_norm(x, pending, self.decoder_norm)
+        return self.decoder_pred(y)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> ModelOutput:
         noise = self.check_inputs(imgs, noise)
         visible_ids, pred_ids = split_ids(noise, self.split)
-        pred = self.decode(self.decoder_kv(self.features(imgs, visible_ids)), pred_ids)
-        target = ops.target_patches(imgs, pred_ids, self.cfg.patch_size, self.cfg.norm_pix_loss, self.cfg.backend)
-        loss = (pred.float() - target).pow(2).mean()
+        pred = self.decode(self.decoder_kv(imgs, visible_ids), pred_ids)
+        target = self.ops.target_patches(imgs, pred_ids, self.cfg.patch_size, self.cfg.norm_pix_loss)
+        loss = self.ops.mse_loss(pred, target)
         return ModelOutput(loss=loss, pred=pred, target=target, pred_ids=pred_ids, visible_ids=visible_ids)
 
     @torch.no_grad()
@@ -256,7 +219,7 @@ class CrossMAE(MaskedEncoder):
         noise = self.check_inputs(imgs, noise)
         visible_ids, _ = split_ids(noise, self.split)
         hidden_ids = self._hidden_ids(noise)
-        pred = self.decode(self.decoder_kv(self.features(imgs, visible_ids)), hidden_ids)
+        pred = self.decode(self.decoder_kv(imgs, visible_ids), hidden_ids)
         return self._reconstruction(imgs, pred, hidden_ids, visible_ids)
 
     def flops_per_image(self, training: bool = True) -> int:
@@ -274,7 +237,8 @@ class CrossMAE(MaskedEncoder):
 class FeatureMix(nn.Module):
     """Inter-block attention's learned linear mix: decoder block j reads sum_i W[j, i] * f_i.
 
-    No softmax and no bias. ``linear.weight`` (decoder_depth, k) keeps the checkpoint's key name.
+    No softmax and no bias. ``linear.weight`` (decoder_depth, k) keeps the checkpoint's key name; the
+    mix itself is ``ops.mixed_kv``.
     """
 
     def __init__(self, num_features: int, decoder_depth: int):
@@ -285,13 +249,6 @@ class FeatureMix(nn.Module):
         # SPEC: N(0, 1/sqrt(k)). (The authors' code draws this, then its model-wide xavier pass
         # redraws it uniformly with a nearly equal std: 0.283 against 0.277 for k = 13.)
         nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(self.linear.in_features))
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """k maps of (B, T, C) -> (decoder_depth, B, T, C), one matmul over the stacked maps."""
-        stacked = torch.stack(features)  # (k, B, T, C)
-        k = stacked.shape[0]
-        weight = self.linear.weight.to(stacked.dtype)
-        return (weight @ stacked.view(k, -1)).view(-1, *stacked.shape[1:])
 
 
 class MAE(MaskedEncoder):
@@ -318,25 +275,24 @@ class MAE(MaskedEncoder):
         len_keep = self.split.len_keep
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        latent = self.norm(self.encode(imgs, ids_shuffle[:, :len_keep], (self.cfg.depth - 1,))[0])
+        _, latent = self.encode(imgs, ids_shuffle[:, :len_keep], (self.cfg.depth - 1,), final_norm=self.norm)
         x = self.decoder_embed(latent)
         B, _, D = x.shape
         # Shuffled order (visible, then masked), then restore patch order with a static gather.
         tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(B, self.cfg.num_patches - len_keep, D)], 1)
         tokens = gather_tokens(tokens, ids_restore)
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        x = self.ops.stream(torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed)
+        _, y = run_blocks(self.decoder_blocks, x, final_norm=self.decoder_norm)
+        return self.decoder_pred(y)[:, 1:]
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> ModelOutput:
         noise = self.check_inputs(imgs, noise)
         visible_ids, pred_ids = split_ids(noise, self.split)
         pred = gather_tokens(self.decode_all(imgs, noise), pred_ids)
-        target = ops.target_patches(imgs, pred_ids, self.cfg.patch_size, self.cfg.norm_pix_loss, self.cfg.backend)
+        target = self.ops.target_patches(imgs, pred_ids, self.cfg.patch_size, self.cfg.norm_pix_loss)
         # The reference averages per-patch errors weighted by the mask; over the masked patches
         # alone this is the plain mean.
-        loss = (pred.float() - target).pow(2).mean()
+        loss = self.ops.mse_loss(pred, target)
         return ModelOutput(loss=loss, pred=pred, target=target, pred_ids=pred_ids, visible_ids=visible_ids)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 
 from model.autoencoders import PatchEmbed
 from model.config import ModelConfig
-from model.layers import Block, init_vit_weights, layer_norm, sincos_pos_table
+from model.layers import Block, init_vit_weights, layer_norm, run_blocks, sincos_pos_table
 from model.official import model_entry, short_list
 from model.ops import check_backend, default_backend
 from model.registry import CONFIGS
@@ -63,16 +63,21 @@ class ViTClassifier(nn.Module):
         init_vit_weights(self)
         nn.init.trunc_normal_(linear.weight, std=0.01 if linear_probe else 2e-5)  # MAE's head initialisations
 
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> pooled features (B, C)."""
+    def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> every token (B, 1 + L, C) after the blocks, and after the final ``norm`` with
+        token pooling: what timm's ``forward_features`` returns for the same weights."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        _, x = run_blocks(self.blocks, x)
+        return x if self.global_pool == "avg" else self.norm(x)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pooled features (B, C) (timm's pre-logits)."""
+        x = self.forward_tokens(imgs)
         if self.global_pool == "avg":
             return self.fc_norm(x[:, 1:].mean(dim=1))
-        return self.norm(x)[:, 0]
+        return x[:, 0]
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(imgs))

@@ -1,19 +1,23 @@
-"""Transformer building blocks shared by the encoder, the CrossMAE decoder and the MAE decoder.
+"""Transformer building blocks shared by the encoder, the CrossMAE decoder, the MAE decoder and the classifier.
 
 Module and parameter names follow the authors' checkpoints (``attn.qkv``, ``cross_attn.kv``,
 ``mlp.fc1``...), so that ``load_official`` is a plain, fully checked state-dict copy.
 
-Every block takes a ``backend`` at construction ("torch" or "triton") and keeps it; the attention
-call goes through ``model.ops.attention``, which is the only place that knows both paths.
+Every module takes a ``backend`` at construction ("torch" or "triton"), keeps the matching
+``model.ops`` object and calls its operations; ``model/ops.py`` is the only place that knows both paths.
+
+Blocks work on a residual stream whose last addition is left pending: a block returns ``(x, branch)``
+with its output being ``x + branch``, and the next block adds ``branch`` inside its first LayerNorm
+(``ops.add_layer_norm``), so that on the fused path each residual add costs no pass of its own.
+``run_blocks`` drives a stack of them. The numbers are the same as ``x = x + f(norm(x))`` block by block.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model import ops
+from model.ops import ops_for
 
 LN_EPS = 1e-6
 
@@ -23,13 +27,14 @@ def layer_norm(dim: int) -> nn.LayerNorm:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, backend: str):
         super().__init__()
+        self.ops = ops_for(backend)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as in the reference
+        return self.ops.mlp(x, self.fc1, self.fc2)  # fc2(gelu(fc1(x))), exact (erf) GELU
 
 
 class DropPath(nn.Module):
@@ -53,15 +58,14 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, backend: str):
         super().__init__()
         self.num_heads = num_heads
-        self.backend = backend
+        self.ops = ops_for(backend)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        out = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.backend)  # (B, N, H, d)
-        return self.proj(out.reshape(B, N, C))
+        return self.proj(self.ops.self_attention(qkv).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
@@ -73,19 +77,17 @@ class CrossAttention(nn.Module):
     def __init__(self, encoder_dim: int, dim: int, num_heads: int, backend: str):
         super().__init__()
         self.num_heads = num_heads
-        self.backend = backend
+        self.ops = ops_for(backend)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(encoder_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """x: (B, Nq, D) normalised queries; kv: (B, Nk, 2D), this block's projected keys and values
-        (see ``CrossAttentionBlock.project_kv``)."""
+        (computed up front for all blocks by the decoder: they depend on the encoder only)."""
         B, Nq, D = x.shape
         H, d = self.num_heads, D // self.num_heads
-        q = self.q(x).view(B, Nq, H, d)
-        kv = kv.view(B, kv.shape[1], 2, H, d)
-        out = ops.attention(q, kv[:, :, 0], kv[:, :, 1], self.backend)
+        out = self.ops.cross_attention(self.q(x).view(B, Nq, H, d), kv.view(B, kv.shape[1], 2, H, d))
         return self.proj(out.reshape(B, Nq, D))
 
 
@@ -94,15 +96,20 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, backend: str, drop_path: float = 0.0):
         super().__init__()
+        self.ops = ops_for(backend)
         self.norm1 = layer_norm(dim)
         self.attn = Attention(dim, num_heads, backend)
         self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), backend)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block on the input ``x + pending``. Returns (input, x, branch): the input, materialised,
+        and the output as ``x + branch`` with that last addition left to the caller."""
+        inp, y = self.ops.add_layer_norm(x, pending, self.norm1)
+        x, y = self.ops.add_layer_norm(inp, self.drop_path(self.attn(y)), self.norm2)
+        return inp, x, self.drop_path(self.mlp(y))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -111,6 +118,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, encoder_dim: int, dim: int, num_heads: int, mlp_ratio: float, backend: str,
                  self_attn: bool = False):
         super().__init__()
+        self.ops = ops_for(backend)
         if self_attn:
             self.norm0 = layer_norm(dim)
             self.self_attn = Attention(dim, num_heads, backend)
@@ -119,20 +127,38 @@ class CrossAttentionBlock(nn.Module):
         self.norm1 = layer_norm(dim)
         self.cross_attn = CrossAttention(encoder_dim, dim, num_heads, backend)
         self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), backend)
 
-    def project_kv(self, features: torch.Tensor) -> torch.Tensor:
-        """Keys and values of this block from (B, Nk, C_enc) encoder features: (B, Nk, 2D).
-
-        They depend on the encoder only, never on the queries, so the decoder may compute all
-        blocks' projections up front (in one batched matmul on the fused path)."""
-        return self.cross_attn.kv(features)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, kv: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + pending`` with keys/values ``kv``; returns (x, branch), the output being
+        ``x + branch`` (see ``Block``)."""
         if self.self_attn is not None:
-            x = x + self.self_attn(self.norm0(x))
-        x = x + self.cross_attn(self.norm1(x), kv)
-        return x + self.mlp(self.norm2(x))
+            x, y = self.ops.add_layer_norm(x, pending, self.norm0)
+            pending = self.self_attn(y)
+        x, y = self.ops.add_layer_norm(x, pending, self.norm1)
+        x, y = self.ops.add_layer_norm(x, self.cross_attn(y, kv), self.norm2)
+        return x, self.mlp(y)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, keep: tuple[int, ...] = (),
+               final_norm: nn.LayerNorm | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run ``blocks`` (``Block``s) on ``x``. Returns (features, out): the outputs of the blocks whose indices
+    are in ``keep`` (ascending; -1 names the input ``x``), and the last block's output, passed through
+    ``final_norm`` when one is given (its residual add then fuses with it)."""
+    ops = blocks[0].ops
+    features, pending = [], None
+    for i, blk in enumerate(blocks):
+        inp, x, pending = blk(x, pending)
+        if i - 1 in keep:
+            features.append(inp)  # block i's input is block i - 1's output
+    if final_norm is not None:
+        x, out = ops.add_layer_norm(x, pending, final_norm)
+    else:
+        x = out = ops.add(x, pending)
+    if len(blocks) - 1 in keep:
+        features.append(x)
+    return features, out
 
 
 def init_vit_weights(model: nn.Module) -> None:
