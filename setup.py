@@ -14,6 +14,7 @@ setup(
         "numpy",
         "pillow",
         "rich",
+        "safetensors",  # timm-layout encoder export and import (model/timm_format.py); no torch dependency
         "scikit-image",  # its wheel carries the photographs of the embedded demo dataset
     ],
     extras_require={

@@ -1,7 +1,8 @@
 """Data-loading throughput: DALI (CPU pipeline, and GPU "mixed" where there is one) vs the PyTorch fallback.
 
-    pytest bench/test_data_loading.py --benchmark    # full: writes bench/results/data_loading.{json,md}
-    pytest bench/test_data_loading.py                # smoke check in seconds, writes nothing
+    pytest bench/test_data_loading.py --benchmark    # full: data_loading_<gpu>_<date>.{json,md} and
+                                                     # data_loading_latest.{json,md} (folder: bench/results.py)
+    pytest bench/test_data_loading.py                # smoke check in seconds
 
 Input: a folder of ImageNet-sized JPEGs (500x375, quality 90, ~ImageNet's mean size) cut from the
 demo photos, read as pre-training reads it: RandomResizedCrop 224 + flip + normalise, batch 64, every
@@ -12,7 +13,6 @@ epoch, over whole epochs.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.common import machine_facts as common_machine_facts
+from bench.machine import machine_facts as common_machine_facts
+from bench.results import write_results
 from train.data import build_loader, dali_available, resolve_data_path
 from train.demo_data import source_photos
 
@@ -78,7 +79,7 @@ def configs(full: bool):
 
 
 def machine_facts() -> dict:
-    """bench/common.py's facts (card, versions, CPU, load average, command, date) plus the DALI version."""
+    """bench.machine's facts (card, versions, CPU, load average, command, date) plus the DALI version."""
     dali = None
     if dali_available():
         import nvidia.dali
@@ -87,25 +88,26 @@ def machine_facts() -> dict:
     return {**common_machine_facts(), "dali": dali}
 
 
-def write_results(results_dir, rows: list[dict], facts: dict, setup: dict) -> None:
-    (results_dir / "data_loading.json").write_text(json.dumps({"machine": facts, "setup": setup, "results": rows},
-                                                              indent=1) + "\n")
+def report_lines(rows: list[dict], facts: dict, setup: dict) -> list[str]:
+    load = facts["load_average_1_5_15_min"]
     lines = ["# Data loading throughput", "",
              f"{facts['date']} · CPU: {facts['cpu']} ({facts['cpu_count']} cores) · GPU: {facts['gpu'] or 'none'} · "
              f"torch {facts['torch']} · DALI {facts['dali'] or 'not installed'} · Pillow {facts['pillow']} · "
              f"Python {facts['python']} · load average before the run "
-             f"{' / '.join(map(str, facts['load_average_1_5_15_min']))} (1/5/15 min)", "",
+             f"{' / '.join(map(str, load)) if load else 'unknown'} (1/5/15 min) · commit {facts['git_commit']}", "",
              f"Command: `{facts['command']}`", "",
              f"ImageNet-like: {setup['imagenet_images']} JPEGs 500x375 q90; demo: the embedded folder "
              f"({setup['demo_images']} JPEGs, 160-256 px). Train augmentation (RandomResizedCrop + flip + normalise), "
              f"batch {setup['batch_size']}, {setup['workers']} DALI threads / DataLoader workers, "
-             f"{setup['epochs']} timed epochs after one warm-up epoch.", "",
-             "| loader | data | img_size | images/s |", "|---|---|---|---|"]
+             f"{setup['epochs']} timed epochs after one warm-up epoch.", ""]
+    if not setup["full"]:
+        lines += ["**Smoke check**: tiny folders, one epoch; exercises the loaders, measures nothing.", ""]
+    lines += ["| loader | data | img_size | images/s |", "|---|---|---|---|"]
     lines += [f"| {r['loader']} | {r['data']} | {r['img_size']} | {r['images_per_s']:,.0f} |" for r in rows]
-    (results_dir / "data_loading.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
-def test_data_loading_throughput(tmp_path_factory, benchmark_full, request):
+def test_data_loading_throughput(tmp_path_factory, benchmark_full, results_dir):
     count, batch_size, epochs = (512, 64, 2) if benchmark_full else (16, 8, 1)
     folder = tmp_path_factory.mktemp("imagenet_like")
     make_imagenet_like(folder, count)
@@ -123,10 +125,11 @@ def test_data_loading_throughput(tmp_path_factory, benchmark_full, request):
                      "backend": loader.backend, "device": str(loader.device)})
         print(f"{name:45s} {data:9s} {img_size:4d}  {rate:9.1f} images/s")
         del loader
-    if benchmark_full:
-        setup = {"imagenet_images": count, "demo_images": len(list(demo.rglob("*.jpg"))), "batch_size": batch_size,
-                 "workers": CPUS, "epochs": epochs}
-        write_results(request.getfixturevalue("results_dir"), rows, facts, setup)
+    setup = {"imagenet_images": count, "demo_images": len(list(demo.rglob("*.jpg"))), "batch_size": batch_size,
+             "workers": CPUS, "epochs": epochs, "full": benchmark_full}
+    files = write_results(results_dir, "data_loading", facts, {"setup": setup, "results": rows},
+                          report_lines(rows, facts, setup), dated=benchmark_full)
+    assert "| PyTorch DataLoader + Pillow | demo | 64 |" in files.latest_markdown.read_text()
 
 
 @pytest.mark.skipif(not (HAS_GPU and dali_available()), reason="DALI mixed decoding needs a CUDA GPU and DALI")

@@ -1,37 +1,68 @@
 """Multi-head softmax attention for short, ragged sequences (CrossMAE's decoder and encoder), forward and backward.
 
+Public: `attention(q, k, v)`, and for views of one fused projection `self_attention(qkv)` /
+`cross_attention(q, kv)`, whose backward hands autograd ONE packed gradient (2026-12-01, issue #10).
+
 Supported
-    q (B, Lq, H, d), k and v (B, Lk, H, d): any strides (views of a fused qkv / kv projection output such as
-    `kv.view(B, Lk, 2, H, d)[:, :, 0]` are read in place, no copy). Output (B, Lq, H, d) contiguous, so
-    `.reshape(B, Lq, H * d)` is free. Lq and Lk are independent (cross-attention) and arbitrary (>= 1; the CPU
-    tests cover 1..130, the GPU tests up to 300 x 1024), no causal mask, no dropout. Head dim d <= 128;
-    non-powers of two (80 for ViT-H) are padded to the next power of two (min 16) inside the kernel and masked.
-    fp16 / bf16 on GPU, fp32 anywhere (fp32 uses exact IEEE dots: correct but slow on tensor-core GPUs).
-    Softmax statistics are fp32. `scale` defaults to 1/sqrt(d). Inputs must share dtype and device.
+    attention: q (B, Lq, H, d), k and v (B, Lk, H, d), any strides (views of a fused projection are read in
+    place, no copy); gradients dq / dk / dv come back as three contiguous tensors.
+    self_attention: qkv (B, N, 3, H, d), any strides (typically `linear(x).view(B, N, 3, H, d)`); the backward
+    returns d(qkv) as one contiguous (B, N, 3, H, d) tensor whose three slices the kernels write directly (the
+    kernels take output-gradient strides), so autograd runs no select_backward zero fill and no sum of three
+    full-size gradients (issue #10 estimated those at 4-7 GB of memory traffic per ViT-B training step).
+    cross_attention: q (B, Nq, H, d), kv (B, Nk, 2, H, d), any strides; the backward returns dq and d(kv) as
+    one contiguous (B, Nk, 2, H, d) tensor written the same way.
+    Output (B, Lq, H, d) contiguous, so `.reshape(B, Lq, H * d)` is free. Lq and Lk are independent and
+    arbitrary (>= 1; the CPU tests cover 1..150, the GPU tests up to 300 x 1024), no causal mask, no dropout.
+    Head dim d <= 128; non-powers of two (80 for ViT-H) are padded to the next power of two (min 16) inside
+    the kernel and masked. fp16 / bf16 on GPU, fp32 anywhere (fp32 uses exact IEEE dots: correct but slow on
+    tensor-core GPUs). Softmax statistics are fp32. `scale` defaults to 1/sqrt(d). Inputs share dtype, device.
 
 Algorithm
     Forward: one program per (batch*head, block of BLOCK_M queries), online softmax over key blocks of
     BLOCK_N (one block for Lk <= 64, CrossMAE's 50 keys), saves the natural-log logsumexp (B, H, Lq) fp32.
-    Backward (flash-attention-2 recomputation from the saved logsumexp, delta = rowsum(dO * O)):
-    * Lk fits one key block (the CrossMAE case): ONE kernel per (batch*head). It holds all keys, loops over
-      query blocks, computes delta inline and writes dQ of each query block directly (every key is present,
-      so dQ is complete) while dK / dV accumulate in registers: no atomics, no second pass, deterministic.
+    Backward (flash-attention-2 recomputation from the saved logsumexp, delta = rowsum(dO * O)), computed
+    key-major: S^T = K Q^T and dP^T = V dO^T, so P^T and dS^T feed the dV += P^T dO and dK += dS^T Q dots as
+    the MMA produced them instead of being transposed through shared memory twice per query block (only the
+    single-kernel dQ = dS K transposes dS^T, once). In the sm_90 TTGIR the loop's shared-memory copies of
+    computed tiles went from 2 to 1 (d 32) and 5 to 1 (d 64); on sm_80 at d 64 the P^T copy stays (2 -> 2).
+    * all keys in one block of next_pow2(Lk) keys: up to 128 keys at d <= 32 (CrossMAE's decoder: 50 keys,
+      65 at ViT-H), up to 64 at larger d (encoder: 50 tokens). ONE kernel per (batch*head): holds all keys,
+      loops over query blocks, computes delta inline and writes dQ of each query block directly (every key is
+      present, so dQ is complete) while dK / dV accumulate in registers: no atomics, no second pass.
     * longer Lk: a delta pre-pass, a dK/dV kernel per key block looping over query blocks, and a dQ kernel
-      per query block looping over key blocks. Deterministic as well.
+      per query block looping over key blocks; 64-key blocks, or 32 where that pads less up to 128 keys (ViT-H
+      encoder, 65 tokens at d 80: 3 x 32). Deterministic as well.
+    Block sizes (`_default_bwd_blocks`), bf16 / fp16: 4 warps everywhere; BLOCK_M 64 at d <= 32 (32 with a
+    128-key block), 32 at d 64, 16 at d 80 / 128.
 
 Tested on
-    CPU interpreter only (TRITON_INTERPRET=1, triton 3.7.1, torch 2.13 CPU, 2026-11); not yet run on a GPU.
-    Every launch at CrossMAE's shapes also compiles for sm_90 (Triton 3.7.1 code generator + bundled ptxas,
-    no GPU: tests/test_kernels_compile.py, which prints registers / spills); Triton 3.6 is untested.
-    The block sizes and warp counts below are first guesses, not tuned; `bench/test_kernels.py --benchmark`
-    has a sweep to pick them on an H100/H200.
+    CPU interpreter only (TRITON_INTERPRET=1, triton 3.7.1, torch 2.13 CPU, 2026-12-01): fp32 and fp16 against
+    the references at odd shapes and the ViT-H shapes (65 keys, d 80); not yet run on a GPU. Every launch at
+    CrossMAE's shapes compiles for sm_90 and sm_80 (Triton 3.7.1 code generator + bundled ptxas, launch-time
+    specialisation, no GPU; 2026-12-01). Backward dK/dV kernel, bf16 and fp16 alike (B 256), as
+    warps / registers per thread / blocks per SM, before -> after:
+        shape                                   sm_90                       sm_80
+        cross 49|147 q x 50 k, 16 x d32         4/194/2 -> 4/174/2          4/188/2 -> 4/238/2
+        cross 64|192 q x 65 k, 16 x d32         3 kernels -> 1: 4/197/2     3 kernels -> 1: 4/248/2
+        self 50 tokens, d64 (ViT-S/B/L)         8/166/1 -> 4/162/3          8/174/1 -> 4/238/2
+        self 65 tokens, 16 x d80 (ViT-H)        8/194/1 -> 4/166/3          8/200/1 -> 4/165/3
+        self 197 / 257 tokens, d32 (MAE dec.)   4/158/3 -> 4/151/3          4/168/3 -> 4/162/3
+        self 50 tokens, 8 x d128                8/255/1 -> 4/254/2          8/255/1 -> 4/255/2
+    No spills in any bf16 / fp16 launch, before or after; every backward kernel now fits >= 2 blocks per SM.
+    The fp32 testing path's backward spills at most 24 bytes (128-key block at d32; d80 on sm_80), where it
+    spilled 1.4-8.9 KB at d80 / d128 before. Triton 3.6 is untested. The choices rest on occupancy read from
+    the compile, not on timings: `bench/test_kernels.py --benchmark` sweeps block sizes on a GPU.
 
 Caveats
     * No double backward. No attention mask / bias / dropout.
     * bf16 cannot be tested under the interpreter (its bf16 arithmetic is wrong), fp16 can.
     * Lq = 0 or Lk = 0 is rejected (ValueError). B * H must be < 2**31; Lq / BLOCK_M < 65536.
-    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) `attention` falls back to
-      `kernels.reference.attention_reference` (same math in PyTorch); the raw custom ops raise instead.
+    * d 80 pads to 128 lanes (37.5% of every dot wasted); a 128-key single block at d 80 fits only one block
+      per SM at 8 warps on sm_90 and spills on sm_80, hence the three-kernel path for the ViT-H encoder.
+    * The forward still splits 65 keys into two 64-key blocks (untouched by issue #10).
+    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) the public functions fall back to their
+      twins in `kernels.reference` (same math in PyTorch); the raw custom ops raise instead.
 """
 
 import math
@@ -167,14 +198,17 @@ def _attn_bwd_dkdv_kernel(
     do_ptr,  # (B, Lq, H, d) any strides
     lse_ptr,  # (B, H, Lq) fp32 contiguous, natural log
     delta_ptr,  # (B, H, Lq) fp32 contiguous (read only when not SINGLE_KEY_BLOCK)
-    dq_ptr,  # (B, Lq, H, d) contiguous (written only when SINGLE_KEY_BLOCK)
-    dk_ptr,  # (B, Lk, H, d) contiguous
-    dv_ptr,  # (B, Lk, H, d) contiguous
+    dq_ptr,  # (B, Lq, H, d) last dim contiguous, e.g. a slice of a packed d(qkv) (written only when SINGLE_KEY_BLOCK)
+    dk_ptr,  # (B, Lk, H, d) last dim contiguous
+    dv_ptr,  # (B, Lk, H, d) last dim contiguous
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh,
     stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
     num_heads, seqlen_q, seqlen_k,
     scale,  # softmax scale
     qk_scale,  # scale * log2(e)
@@ -203,15 +237,16 @@ def _attn_bwd_dkdv_kernel(
                 + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
-    kt = tl.trans(k)
-    vt = tl.trans(v)
 
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
     o_base = out_ptr + off_b * stride_ob + off_h * stride_oh
-    # dq has the same contiguous layout as out
-    dq_base = dq_ptr + off_b * stride_ob + off_h * stride_oh
+    dq_base = dq_ptr + off_b * stride_dqb + off_h * stride_dqh
 
+    # Everything below is computed key-major (S^T = K Q^T, dP^T = V dO^T, shape (BLOCK_N, BLOCK_M)), so P^T and
+    # dS^T are the A operands of the dV / dK dots as they come out of the MMA: no transpose of a computed tile
+    # through shared memory there. Only the single-key-block dQ = dS K needs one (tl.trans(dst) below). The
+    # transposes of loaded tiles (Q^T, dO^T) are free: they are views of the shared-memory copy.
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, seqlen_q, BLOCK_M):
@@ -220,7 +255,7 @@ def _attn_bwd_dkdv_kernel(
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
-        # Padded query rows get lse = +inf, hence p = 0: they contribute nothing.
+        # Padded query columns get lse = +inf, hence p = 0: they contribute nothing.
         lse = tl.load(lse_ptr + bh_row + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
         if SINGLE_KEY_BLOCK:
             o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask_md, other=0.0)
@@ -228,25 +263,25 @@ def _attn_bwd_dkdv_kernel(
         else:
             delta = tl.load(delta_ptr + bh_row + offs_m, mask=mask_m, other=0.0)
 
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        p = tl.exp2(s - lse[:, None])
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+        pt = tl.exp2(st - lse[None, :])
         if not EVEN_N:
-            p = tl.where(mask_n[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)  # dL/dS without the softmax scale
-        dk = tl.dot(tl.trans(ds), q, dk, input_precision=DOT_PRECISION)
+            # padded keys (k = 0) would get p = 2^-lse, which overflows to inf when every score is very negative
+            pt = tl.where(mask_n[:, None], pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # dL/dS^T without the softmax scale
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
         if SINGLE_KEY_BLOCK:
-            dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
-            tl.store(dq_base + offs_m[:, None] * stride_om + offs_d[None, :],
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
+            tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
                      dq.to(dq_ptr.dtype.element_ty), mask=mask_md)
 
     dk = dk * scale
-    # dk / dv are contiguous (B, Lk, H, d)
-    kv_off = off_b * seqlen_k * num_heads * HEAD_DIM + off_h * HEAD_DIM
-    kv_ptrs = offs_n[:, None].to(tl.int64) * (num_heads * HEAD_DIM) + offs_d[None, :]
-    tl.store(dk_ptr + kv_off + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask_nd)
-    tl.store(dv_ptr + kv_off + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
+    dk_ptrs = dk_ptr + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = dv_ptr + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask_nd)
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
@@ -257,11 +292,12 @@ def _attn_bwd_dq_kernel(
     do_ptr,  # (B, Lq, H, d) any strides
     lse_ptr,  # (B, H, Lq) fp32 contiguous, natural log
     delta_ptr,  # (B, H, Lq) fp32 contiguous
-    dq_ptr,  # (B, Lq, H, d) contiguous
+    dq_ptr,  # (B, Lq, H, d) last dim contiguous
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh,
     num_heads, seqlen_q, seqlen_k,
     scale,
     qk_scale,
@@ -310,8 +346,7 @@ def _attn_bwd_dq_kernel(
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * scale
-    dq_off = off_b * seqlen_q * num_heads * HEAD_DIM + off_h * HEAD_DIM
-    tl.store(dq_ptr + dq_off + offs_m[:, None].to(tl.int64) * (num_heads * HEAD_DIM) + offs_d[None, :],
+    tl.store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=mask_md)
 
 
@@ -320,25 +355,43 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "attention") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"kernels.attention: {name} must be (B, L, H, d), got shape {tuple(t.shape)}")
-        check_dtype("attention", name, t)
+            raise ValueError(f"kernels.{op}: {name} must be (B, L, H, d), got shape {tuple(t.shape)}")
+        check_dtype(op, name, t)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"kernels.attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast first")
+        raise TypeError(f"kernels.{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast first")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"kernels.attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(f"kernels.{op}: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
     B, Lq, H, d = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2] != H or k.shape[3] != d:
         raise ValueError(
-            f"kernels.attention: expected k and v of shape (B={B}, Lk, H={H}, d={d}), got {tuple(k.shape)} and "
+            f"kernels.{op}: expected k and v of shape (B={B}, Lk, H={H}, d={d}), got {tuple(k.shape)} and "
             f"{tuple(v.shape)}"
         )
     if Lq == 0 or k.shape[1] == 0 or B == 0 or H == 0:
-        raise ValueError(f"kernels.attention: empty sequence or batch (q {tuple(q.shape)}, k {tuple(k.shape)})")
+        raise ValueError(f"kernels.{op}: empty sequence or batch (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if d > MAX_HEAD_DIM:
-        raise ValueError(f"kernels.attention: head dim {d} > {MAX_HEAD_DIM} is not supported; use the reference")
+        raise ValueError(f"kernels.{op}: head dim {d} > {MAX_HEAD_DIM} is not supported; use the reference")
+
+
+def _check_packed(t: torch.Tensor, n: int, name: str, op: str) -> None:
+    """A packed projection (B, L, n, H, d): n = 3 for qkv, 2 for kv."""
+    if t.dim() != 5 or t.shape[2] != n:
+        raise ValueError(
+            f"kernels.{op}: {name} must be (B, L, {n}, H, d), e.g. linear(x).view(B, L, {n}, H, d); got shape "
+            f"{tuple(t.shape)}"
+        )
+
+
+def _check_grad_buffer(buf: torch.Tensor, like: torch.Tensor, name: str) -> None:
+    if buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device or buf.stride(-1) != 1:
+        raise ValueError(
+            f"kernels.attention_backward: {name} buffer must be shaped {tuple(like.shape)}, {like.dtype} on "
+            f"{like.device} with a contiguous last dim; got {tuple(buf.shape)} {buf.dtype} on {buf.device} with "
+            f"strides {buf.stride()}"
+        )
 
 
 def _default_blocks(seqlen_q: int, seqlen_k: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -353,14 +406,39 @@ def _default_blocks(seqlen_q: int, seqlen_k: int, head_dim: int, dtype: torch.dt
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": 2}
 
 
+def _max_single_block_keys(block_d: int) -> int:
+    """Longest key sequence the single-kernel backward holds in one block of next_pow2(Lk) keys.
+
+    From the sm_90 / sm_80 compile (bf16 and fp16, 4 warps, ptxas -v; 2026-12-01): 128 keys fit without spills
+    only for d <= 32 (CrossMAE's decoder, 65 keys at ViT-H); a 128-key block at d 64 spills on sm_80 and at
+    d 80 / 128 (128 padded lanes) the fp32 dK / dV accumulators alone are 128 KB, which spills at 4 warps and
+    allows one block per SM at 8 warps (and still spills on sm_80).
+    """
+    return 128 if block_d <= 32 else 64
+
+
 def _default_bwd_blocks(seqlen_q: int, seqlen_k: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Backward block sizes (see _default_blocks). block_n covers up to 64 keys, so CrossMAE's 50 keys take the
-    single-kernel path."""
+    """Backward block sizes: no spills and at least two blocks per SM on sm_90 and sm_80 at every CrossMAE shape
+    (compiled with triton 3.7.1 + bundled ptxas, 2026-12-01; no GPU run yet; numbers in the module docstring).
+
+    Keys up to _max_single_block_keys take the single-kernel path with block_n = next_pow2(Lk); longer ones the
+    three-kernel path with 64-key blocks, or 32-key blocks where that pads less up to 128 keys (65 keys at d 80:
+    3 x 32 rather than 2 x 64, the second block holding a single key).
+    """
     block_d = next_pow2(head_dim, 16)
-    block_n = min(next_pow2(seqlen_k, 16), 64)
-    block_m = min(next_pow2(seqlen_q, 16), 64 if block_d <= 32 else 32)
-    num_warps = 4 if block_d <= 32 else 8
-    if dtype == torch.float32:
+    if seqlen_k <= _max_single_block_keys(block_d):
+        block_n = next_pow2(seqlen_k, 16)
+    elif seqlen_k <= 128 and triton.cdiv(seqlen_k, 32) * 32 < triton.cdiv(seqlen_k, 64) * 64:
+        block_n = 32
+    else:
+        block_n = 64
+    if block_d <= 32:
+        block_m = 32 if block_n > 64 else 64
+    else:
+        block_m = 32 if block_d <= 64 else 16
+    block_m = min(next_pow2(seqlen_q, 16), block_m)
+    num_warps = 4  # 8 warps held one block per SM at d >= 64 (about 130-200 registers per thread)
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and need far more registers
         block_m, num_warps = 16, 8
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": 2}
 
@@ -416,10 +494,11 @@ def attention_backward(
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels. Returns dq, dk, dv, each contiguous and shaped like q, k, v.
+    """Launch the backward kernels. Returns dq, dk, dv shaped like q, k, v (contiguous unless `grads` given).
 
     `out` must be the contiguous forward output, `lse` its (B, H, Lq) fp32 logsumexp. `grads` may hold
-    preallocated contiguous (dq, dk, dv) buffers (tests poison them).
+    preallocated (dq, dk, dv) buffers with a contiguous last dim, e.g. the three slices of one packed
+    (B, L, 3, H, d) d(qkv): the kernels write every element of them (tests poison them with NaN).
     """
     B, Lq, H, d = q.shape
     Lk = k.shape[1]
@@ -438,6 +517,8 @@ def attention_backward(
         dv = torch.empty((B, Lk, H, d), dtype=v.dtype, device=v.device)
     else:
         dq, dk, dv = grads
+        for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+            _check_grad_buffer(buf, like, name)
     single = Lk <= block_n
     precision = dot_precision(q.dtype)
     common = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=cfg["num_warps"],
@@ -458,6 +539,7 @@ def attention_backward(
         *q.stride(), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), out.stride(2),
         *do.stride(),
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, Lq, Lk,
         scale, scale * LOG2E,
         BLOCK_N=block_n, EVEN_N=Lk % block_n == 0, SINGLE_KEY_BLOCK=single, DOT_PRECISION=precision,
@@ -467,12 +549,82 @@ def attention_backward(
         _attn_bwd_dq_kernel[(B * H, triton.cdiv(Lq, block_m))](
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dq.stride()[:3],
             H, Lq, Lk,
             scale, scale * LOG2E,
             BLOCK_N=block_n, EVEN_N=Lk % block_n == 0, DOT_PRECISION=precision,
             **common,
         )
     return dq, dk, dv
+
+
+def self_attention_forward(
+    qkv: torch.Tensor, scale: float, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_forward on the three slices of a packed qkv (B, N, 3, H, d), read in place (any strides)."""
+    _check_packed(qkv, 3, "qkv", "self_attention")
+    return attention_forward(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale, out=out, config=config)
+
+
+def self_attention_backward(
+    do: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    *,
+    dqkv: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Backward of self_attention_forward: d(qkv) as ONE contiguous (B, N, 3, H, d) tensor.
+
+    The kernels write dq, dk and dv straight into its three slices, so autograd never zero-fills a full-size
+    gradient per slice (select_backward) nor sums or concatenates them. `dqkv` may be a preallocated buffer.
+    """
+    _check_packed(qkv, 3, "qkv", "self_attention")
+    if dqkv is None:
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    elif dqkv.shape != qkv.shape or not dqkv.is_contiguous():
+        raise ValueError(f"kernels.self_attention_backward: dqkv must be contiguous {tuple(qkv.shape)}, got "
+                         f"{tuple(dqkv.shape)} with strides {dqkv.stride()}")
+    attention_backward(do, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], out, lse, scale,
+                       grads=(dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2]), config=config)
+    return dqkv
+
+
+def cross_attention_forward(
+    q: torch.Tensor, kv: torch.Tensor, scale: float, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_forward with keys / values the two slices of a packed kv (B, Nk, 2, H, d), read in place."""
+    _check_packed(kv, 2, "kv", "cross_attention")
+    return attention_forward(q, kv[:, :, 0], kv[:, :, 1], scale, out=out, config=config)
+
+
+def cross_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    *,
+    grads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of cross_attention_forward: dq (B, Nq, H, d) and d(kv) as ONE contiguous (B, Nk, 2, H, d)
+    tensor whose two slices the kernels write directly. `grads` may hold preallocated (dq, dkv) buffers."""
+    _check_packed(kv, 2, "kv", "cross_attention")
+    if grads is None:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
+    else:
+        dq, dkv = grads
+        if dkv.shape != kv.shape or not dkv.is_contiguous():
+            raise ValueError(f"kernels.cross_attention_backward: dkv must be contiguous {tuple(kv.shape)}, got "
+                             f"{tuple(dkv.shape)} with strides {dkv.stride()}")
+    attention_backward(do, q, kv[:, :, 0], kv[:, :, 1], out, lse, scale, grads=(dq, dkv[:, :, 0], dkv[:, :, 1]),
+                       config=config)
+    return dq, dkv
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,6 +663,7 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
 
 
 def _attention_backward_formula(ctx, grad_out, grad_lse):
@@ -522,17 +675,145 @@ def _attention_backward_formula(ctx, grad_out, grad_lse):
 _attention_fwd_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
 
 
+@torch.library.custom_op("crossmae::self_attention_fwd", mutates_args=())
+def _self_attention_fwd_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    require_triton("self_attention", qkv)
+    return self_attention_forward(qkv, scale)
+
+
+@_self_attention_fwd_op.register_fake
+def _(qkv, scale):
+    B, N, _, H, d = qkv.shape
+    return qkv.new_empty((B, N, H, d)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("crossmae::self_attention_bwd", mutates_args=())
+def _self_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    require_triton("self_attention backward", qkv)
+    return self_attention_backward(do, qkv, out, lse, scale)
+
+
+@_self_attention_bwd_op.register_fake
+def _(do, qkv, out, lse, scale):
+    return qkv.new_empty(qkv.shape)  # contiguous, like the real one
+
+
+def _self_attention_setup_context(ctx, inputs, output):
+    qkv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
+
+
+def _self_attention_backward_formula(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _self_attention_bwd_op(grad_out, qkv, out, lse, ctx.scale), None
+
+
+_self_attention_fwd_op.register_autograd(_self_attention_backward_formula,
+                                         setup_context=_self_attention_setup_context)
+
+
+@torch.library.custom_op("crossmae::cross_attention_fwd", mutates_args=())
+def _cross_attention_fwd_op(q: torch.Tensor, kv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    require_triton("cross_attention", q, kv)
+    return cross_attention_forward(q, kv, scale)
+
+
+@_cross_attention_fwd_op.register_fake
+def _(q, kv, scale):
+    B, Lq, H, d = q.shape
+    return q.new_empty((B, Lq, H, d)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("crossmae::cross_attention_bwd", mutates_args=())
+def _cross_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor,
+                            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    require_triton("cross_attention backward", q, kv)
+    return cross_attention_backward(do, q, kv, out, lse, scale)
+
+
+@_cross_attention_bwd_op.register_fake
+def _(do, q, kv, out, lse, scale):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+def _cross_attention_setup_context(ctx, inputs, output):
+    q, kv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
+
+
+def _cross_attention_backward_formula(ctx, grad_out, grad_lse):
+    q, kv, out, lse = ctx.saved_tensors
+    dq, dkv = _cross_attention_bwd_op(grad_out, q, kv, out, lse, ctx.scale)
+    return dq, dkv, None
+
+
+_cross_attention_fwd_op.register_autograd(_cross_attention_backward_formula,
+                                          setup_context=_cross_attention_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _default_scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v per (batch, head). q (B, Lq, H, d), k / v (B, Lk, H, d), any strides.
 
     Returns (B, Lq, H, d) contiguous. `scale` defaults to 1/sqrt(d). Differentiable in q, k, v; traceable by
     torch.compile (custom op `crossmae::attention_fwd`). Falls back to `kernels.reference.attention_reference`
-    when Triton cannot run on these tensors (CPU without TRITON_INTERPRET=1).
+    when Triton cannot run on these tensors (CPU without TRITON_INTERPRET=1). For views of one fused projection
+    prefer `self_attention(qkv)` / `cross_attention(q, kv)`: their gradient is one packed tensor.
     """
     _check_inputs(q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _default_scale(scale, q.shape[-1])
     if not triton_can_run(q, k, v):
         return reference.attention_reference(q, k, v, scale)
-    out, _ = _attention_fwd_op(q, k, v, float(scale))
+    out, _ = _attention_fwd_op(q, k, v, scale)
+    return out
+
+
+def self_attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Self-attention over a packed projection: qkv (B, N, 3, H, d), any strides (typically
+    `linear(x).view(B, N, 3, H, d)`); q, k, v are its slices 0, 1, 2. Returns (B, N, H, d) contiguous.
+
+    Backward returns d(qkv) as ONE contiguous (B, N, 3, H, d) tensor written by the kernels (custom ops
+    `crossmae::self_attention_fwd` / `_bwd`), not three zero-filled full-size select_backward gradients summed
+    by autograd. Falls back to `kernels.reference.self_attention_reference` where Triton cannot run.
+    """
+    _check_packed(qkv, 3, "qkv", "self_attention")
+    _check_inputs(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "self_attention")
+    scale = _default_scale(scale, qkv.shape[-1])
+    if not triton_can_run(qkv):
+        return reference.self_attention_reference(qkv, scale)
+    out, _ = _self_attention_fwd_op(qkv, scale)
+    return out
+
+
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Cross-attention of q (B, Nq, H, d) over a packed projection kv (B, Nk, 2, H, d) (keys = slice 0,
+    values = slice 1), any strides. Returns (B, Nq, H, d) contiguous.
+
+    Backward returns dq and d(kv) as ONE contiguous (B, Nk, 2, H, d) tensor written by the kernels (custom ops
+    `crossmae::cross_attention_fwd` / `_bwd`). Falls back to `kernels.reference.cross_attention_reference`
+    where Triton cannot run.
+    """
+    _check_packed(kv, 2, "kv", "cross_attention")
+    _check_inputs(q, kv[:, :, 0], kv[:, :, 1], "cross_attention")
+    scale = _default_scale(scale, q.shape[-1])
+    if not triton_can_run(q, kv):
+        return reference.cross_attention_reference(q, kv, scale)
+    out, _ = _cross_attention_fwd_op(q, kv, scale)
     return out

@@ -11,6 +11,9 @@ Supported
                                   layout (h, w, p, q, c) (rows, columns, channel), each patch normalised by its
                                   own mean and unbiased variance if norm_pix; mean, var (B, n, 1) fp32 always.
                                   No gradient (targets are constants; imgs is detached).
+    gather_patches(imgs, ids, patch_size)
+                                  imgs (B, c, H, W) any strides -> the raw patches (B, n, p*p*c) in imgs.dtype,
+                                  same layout; gradient to imgs (patch gradients summed into a zero image).
     scatter_patches(patches, ids, img_size, patch_size, base=None)
                                   patches (B, n, p*p*c) -> (B, c, H, W) contiguous in patches.dtype: patches
                                   pasted at ids on top of `base` (else zeros). Gradients to patches and base.
@@ -20,7 +23,9 @@ Supported
 
 Algorithm
     Forward gathers: one program per (block of rows, chunk of channels) or per patch, reading each source
-    element once and writing each output element exactly once.
+    element once and writing each output element exactly once. A patch is read plane by plane with the column
+    fastest (coalesced runs of one image row, not three planes interleaved per warp) and permuted in registers
+    to the (p, q, c) output order.
     Scatters and gradients are computed in gather form through an inverse index built on the device:
     inv[b, l] = the largest t with ids[b, t] == l (or -1) and cnt[b, l] = how many t hit l (int32 atomics,
     deterministic). Each output element is then written once, without float atomics:
@@ -30,12 +35,14 @@ Algorithm
       give the exact scatter-add gradient, still deterministic;
     * scatter_patches writes every image pixel once (the patch value where a patch lands, else base or 0).
       With duplicate ids the LAST occurrence wins (and only it receives the gradient).
+    * d/dimgs of gather_patches is the same pixel-by-pixel write of the patch gradients into a zero image;
+      pixels of patches hit by duplicate ids (cnt > 1) sum every matching t in order (scatter-add, deterministic).
 
 Tested on
-    CPU interpreter only (TRITON_INTERPRET=1, triton 3.7.1, torch 2.13 CPU, 2026-11); not yet run on a GPU.
-    Every launch at CrossMAE's shapes also compiles for sm_90 (Triton 3.7.1 code generator + bundled ptxas,
-    no GPU: tests/test_kernels_compile.py, which prints registers / spills); Triton 3.6 is untested.
-    Block sizes are first guesses, not tuned.
+    CPU interpreter only (TRITON_INTERPRET=1, triton 3.7.1, torch 2.13 CPU, 2026-12-01); not yet run on a GPU.
+    Every launch of the S/B/L/H training steps compiles for sm_90 and sm_80 through Triton's launch-time
+    specialisation, without spills (tests/test_kernels_compile.py; bench/results/kernel_resources.md);
+    Triton 3.6 is untested. Block sizes are first guesses, not tuned.
 
 Caveats
     * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) the public functions fall back to the
@@ -206,7 +213,8 @@ def _patchify_kernel(
     eps,
     PATCH: tl.constexpr,
     CHANNELS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # next power of two of PATCH
+    BLOCK_CH: tl.constexpr,  # next power of two of CHANNELS
     STATS: tl.constexpr,  # compute mean and unbiased variance of the raw patch
     NORM: tl.constexpr,  # normalise the patch by them
     OWNER_ONLY: tl.constexpr,  # zero the patch unless t is the last occurrence of its id (scatter backward)
@@ -218,17 +226,19 @@ def _patchify_kernel(
     gh = patch // grid_w
     gw = patch % grid_w
     P = PATCH * PATCH * CHANNELS  # constexpr arithmetic
-    e = tl.arange(0, BLOCK_P)
-    mask = e < P
-    r = e // (PATCH * CHANNELS)
-    col = (e // CHANNELS) % PATCH
-    ch = e % CHANNELS
-    ptrs = (imgs_ptr + b * stride_b + ch * stride_c + (gh * PATCH + r) * stride_h + (gw * PATCH + col) * stride_w)
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    # Read the patch plane by plane, (channel, row, column) with the column fastest, so consecutive lanes load
+    # consecutive pixels of one image row (coalesced); the (row, column, channel) output order is restored by
+    # a register permute before the store.
+    ch = tl.arange(0, BLOCK_CH)[:, None, None]
+    r = tl.arange(0, BLOCK_Q)[None, :, None]
+    col = tl.arange(0, BLOCK_Q)[None, None, :]
+    mask = (ch < CHANNELS) & (r < PATCH) & (col < PATCH)
+    x = tl.load(imgs_ptr + b * stride_b + ch * stride_c + (gh * PATCH + r) * stride_h + (gw * PATCH + col) * stride_w,
+                mask=mask, other=0.0).to(tl.float32)  # (BLOCK_CH, BLOCK_Q, BLOCK_Q)
     if STATS:
-        mean = tl.sum(x, 0) / P
+        mean = tl.sum(tl.sum(tl.sum(x, 2), 1), 0) / P
         diff = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(diff * diff, 0) / (P - 1)
+        var = tl.sum(tl.sum(tl.sum(diff * diff, 2), 1), 0) / (P - 1)
         tl.store(mean_ptr + pid, mean)
         tl.store(var_ptr + pid, var)
         if NORM:
@@ -236,22 +246,32 @@ def _patchify_kernel(
     if OWNER_ONLY:
         owner = tl.load(inv_ptr + b * L + patch)
         x = tl.where(owner == t, x, 0.0)
-    tl.store(out_ptr + pid * P + e, x.to(out_ptr.dtype.element_ty), mask=mask)
+    x = tl.permute(x, (1, 2, 0))  # (row, column, channel)
+    r_o = tl.arange(0, BLOCK_Q)[:, None, None]
+    col_o = tl.arange(0, BLOCK_Q)[None, :, None]
+    ch_o = tl.arange(0, BLOCK_CH)[None, None, :]
+    mask_o = (r_o < PATCH) & (col_o < PATCH) & (ch_o < CHANNELS)
+    tl.store(out_ptr + pid * P + (r_o * PATCH + col_o) * CHANNELS + ch_o, x.to(out_ptr.dtype.element_ty),
+             mask=mask_o)
 
 
 @triton.jit
 def _unpatchify_kernel(
     patches_ptr,  # (B, n, P) any strides; read only when HAS_PATCHES
     inv_ptr,  # (B, L) int32 contiguous: which t lands on patch l (-1: none)
+    cnt_ptr,  # (B, L) int32 contiguous: how many t land on patch l; read only when SUM_DUPLICATES
+    ids_ptr,  # (B, n) any strides; read only when SUM_DUPLICATES
     base_ptr,  # (B, c, H, W) any strides; read only when HAS_BASE
     out_ptr,  # (B, c, H, W) contiguous
     stride_pb, stride_pt, stride_pe,
+    stride_ib, stride_it,
     stride_bb, stride_bc, stride_bh, stride_bw,
-    num_rows, H, W, L, grid_w,  # num_rows = B * c * H image rows
+    num_rows, H, W, L, grid_w, n_ids,  # num_rows = B * c * H image rows
     PATCH: tl.constexpr,
     CHANNELS: tl.constexpr,
     HAS_PATCHES: tl.constexpr,  # False: write base where no patch lands and 0 elsewhere (d/dbase)
     HAS_BASE: tl.constexpr,
+    SUM_DUPLICATES: tl.constexpr,  # a patch hit by several t gets their sum (gather gradient), else the last t
     BLOCK_Y: tl.constexpr,
     BLOCK_X: tl.constexpr,
 ):
@@ -272,9 +292,19 @@ def _unpatchify_kernel(
         val = bv.to(tl.float32)
     if HAS_PATCHES:
         e = ((y % PATCH)[:, None] * PATCH + (xs % PATCH)[None, :]) * CHANNELS + ch[:, None]
-        pv = tl.load(patches_ptr + b[:, None] * stride_pb + t.to(tl.int64) * stride_pt + e * stride_pe,
-                     mask=mask & pasted, other=0.0)
+        p_rows = patches_ptr + b[:, None] * stride_pb
+        pv = tl.load(p_rows + t.to(tl.int64) * stride_pt + e * stride_pe, mask=mask & pasted, other=0.0)
         val = tl.where(pasted, pv.to(tl.float32), val)
+        if SUM_DUPLICATES:
+            cnt = tl.load(cnt_ptr + b[:, None] * L + patch, mask=mask, other=0)
+            if tl.max(tl.max(cnt, 1), 0) > 1:
+                # Some pixel of this tile is hit by duplicate ids: sum every matching t, in order (deterministic).
+                acc = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+                for s in range(0, n_ids):
+                    id_s = tl.load(ids_ptr + b * stride_ib + s * stride_it, mask=mask_r, other=-1).to(tl.int64)
+                    match = (id_s[:, None] == patch) & mask
+                    acc += tl.load(p_rows + s * stride_pt + e * stride_pe, mask=match, other=0.0).to(tl.float32)
+                val = tl.where(cnt > 1, acc, val)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * W + xs[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -372,13 +402,48 @@ def gather_target_patches_forward(imgs: torch.Tensor, ids: torch.Tensor, patch_s
         out = torch.empty((B, n, P), dtype=imgs.dtype, device=imgs.device)
     mean = torch.empty((B, n, 1), dtype=torch.float32, device=imgs.device)
     var = torch.empty((B, n, 1), dtype=torch.float32, device=imgs.device)
-    block_p = next_pow2(P, 16)
     _patchify_kernel[(B * n,)](
         imgs, ids, ids, out, mean, var, *imgs.stride(), *ids.stride(), n, grid_w, grid_h * grid_w, eps,
-        PATCH=p, CHANNELS=c, BLOCK_P=block_p, STATS=True, NORM=norm_pix, OWNER_ONLY=False,
-        num_warps=4 if block_p <= 1024 else 8,
+        STATS=True, NORM=norm_pix, OWNER_ONLY=False, **_patch_tile(p, c),
     )
     return out, mean, var
+
+
+def gather_patches_forward(imgs: torch.Tensor, ids: torch.Tensor, patch_size: int,
+                           *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The raw patches of imgs (B, c, H, W) at ids (B, n): (B, n, p*p*c) contiguous in imgs.dtype."""
+    B, c, H, W = imgs.shape
+    p = patch_size
+    grid_h, grid_w = _check_image("gather_patches", H, W, p)
+    n = ids.shape[1]
+    if out is None:
+        out = torch.empty((B, n, p * p * c), dtype=imgs.dtype, device=imgs.device)
+    _patchify_kernel[(B * n,)](
+        imgs, ids, ids, out, out, out, *imgs.stride(), *ids.stride(), n, grid_w, grid_h * grid_w, 0.0,
+        STATS=False, NORM=False, OWNER_ONLY=False, **_patch_tile(p, c),
+    )
+    return out
+
+
+def gather_patches_backward(dpatches: torch.Tensor, ids: torch.Tensor, patch_size: int, height: int,
+                            width: int) -> torch.Tensor:
+    """d/dimgs of gather_patches: dpatches (B, n, p*p*c) summed into a zero (B, c, H, W) image at ids
+    (duplicate ids add up, in order), contiguous in dpatches.dtype."""
+    B, _, P = dpatches.shape
+    p = patch_size
+    c = P // (p * p)
+    grid_h, grid_w = _check_image("gather_patches", height, width, p)
+    inv, cnt = inverse_index(ids, grid_h * grid_w)
+    dimg = torch.empty((B, c, height, width), dtype=dpatches.dtype, device=dpatches.device)
+    _launch_unpatchify(dpatches, inv, None, dimg, p, c, grid_w, ids=ids, cnt=cnt)
+    return dimg
+
+
+def _patch_tile(p: int, c: int) -> dict:
+    """Block sizes and warps of the patch gather: (channel, row, column) tiles padded to powers of two."""
+    block_q, block_ch = next_pow2(p), next_pow2(c)
+    return {"PATCH": p, "CHANNELS": c, "BLOCK_Q": block_q, "BLOCK_CH": block_ch,
+            "num_warps": 4 if block_ch * block_q * block_q <= 1024 else 8}
 
 
 def scatter_patches_forward(patches: torch.Tensor, ids: torch.Tensor, height: int, width: int, patch_size: int,
@@ -397,17 +462,22 @@ def scatter_patches_forward(patches: torch.Tensor, ids: torch.Tensor, height: in
     return out, inv
 
 
-def _launch_unpatchify(patches, inv, base, out, p, c, grid_w) -> None:
+def _launch_unpatchify(patches, inv, base, out, p, c, grid_w, *, ids=None, cnt=None) -> None:
+    """Write `out` in gather form; with ids and cnt given, patches hit by duplicate ids are summed."""
     B, _, H, W = out.shape
     block_x = min(next_pow2(W, 16), 128)
     block_y = 8
     p_strides = patches.stride() if patches is not None else (0, 0, 0)
     b_strides = base.stride() if base is not None else (0, 0, 0, 0)
+    sum_duplicates = cnt is not None
+    i_strides = ids.stride() if sum_duplicates else (0, 0)
     _unpatchify_kernel[(triton.cdiv(B * c * H, block_y), triton.cdiv(W, block_x))](
-        patches if patches is not None else out, inv, base if base is not None else out, out,
-        *p_strides, *b_strides, B * c * H, H, W, inv.shape[1], grid_w,
+        patches if patches is not None else out, inv, cnt if sum_duplicates else inv,
+        ids if sum_duplicates else inv, base if base is not None else out, out,
+        *p_strides, *i_strides, *b_strides, B * c * H, H, W, inv.shape[1], grid_w,
+        ids.shape[1] if sum_duplicates else 0,
         PATCH=p, CHANNELS=c, HAS_PATCHES=patches is not None, HAS_BASE=base is not None,
-        BLOCK_Y=block_y, BLOCK_X=block_x,
+        SUM_DUPLICATES=sum_duplicates, BLOCK_Y=block_y, BLOCK_X=block_x,
     )
 
 
@@ -421,11 +491,9 @@ def scatter_patches_backward(dimg: torch.Tensor, ids: torch.Tensor, inv: torch.T
     if need_patches:
         P = p * p * c
         dpatches = torch.empty((B, n, P), dtype=dimg.dtype, device=dimg.device)
-        block_p = next_pow2(P, 16)
         _patchify_kernel[(B * n,)](
             dimg, ids, inv, dpatches, dpatches, dpatches, *dimg.stride(), *ids.stride(), n, grid_w, inv.shape[1],
-            0.0, PATCH=p, CHANNELS=c, BLOCK_P=block_p, STATS=False, NORM=False, OWNER_ONLY=True,
-            num_warps=4 if block_p <= 1024 else 8,
+            0.0, STATS=False, NORM=False, OWNER_ONLY=True, **_patch_tile(p, c),
         )
     if need_base:
         dbase = torch.empty((B, c, H, W), dtype=dimg.dtype, device=dimg.device)
@@ -507,6 +575,48 @@ def _(imgs, ids, patch_size, norm_pix, eps):
     n = ids.shape[1]
     stats = imgs.new_empty((B, n, 1), dtype=torch.float32)
     return imgs.new_empty((B, n, patch_size * patch_size * c)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("crossmae::gather_patches_fwd", mutates_args=())
+def _gather_patches_fwd_op(imgs: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:
+    require_triton("gather_patches", imgs, ids)
+    return gather_patches_forward(imgs, ids, patch_size)
+
+
+@_gather_patches_fwd_op.register_fake
+def _(imgs, ids, patch_size):
+    B, c = imgs.shape[:2]
+    return imgs.new_empty((B, ids.shape[1], patch_size * patch_size * c))
+
+
+@torch.library.custom_op("crossmae::gather_patches_bwd", mutates_args=())
+def _gather_patches_bwd_op(dpatches: torch.Tensor, ids: torch.Tensor, patch_size: int, height: int,
+                           width: int) -> torch.Tensor:
+    require_triton("gather_patches backward", dpatches, ids)
+    return gather_patches_backward(dpatches, ids, patch_size, height, width)
+
+
+@_gather_patches_bwd_op.register_fake
+def _(dpatches, ids, patch_size, height, width):
+    B, _, P = dpatches.shape
+    return dpatches.new_empty((B, P // (patch_size * patch_size), height, width))
+
+
+def _gather_patches_setup_context(ctx, inputs, output):
+    imgs, ids, patch_size = inputs
+    ctx.save_for_backward(ids)
+    ctx.patch_size = patch_size
+    ctx.image = (imgs.shape[2], imgs.shape[3], imgs.dtype)
+
+
+def _gather_patches_backward_formula(ctx, grad_patches):
+    (ids,) = ctx.saved_tensors
+    height, width, dtype = ctx.image
+    dimg = _gather_patches_bwd_op(grad_patches.contiguous(), ids, ctx.patch_size, height, width)
+    return dimg.to(dtype), None, None
+
+
+_gather_patches_fwd_op.register_autograd(_gather_patches_backward_formula, setup_context=_gather_patches_setup_context)
 
 
 @torch.library.custom_op("crossmae::scatter_patches_fwd", mutates_args=())
@@ -624,6 +734,22 @@ def gather_target_patches(
     if not triton_can_run(imgs, ids):
         return reference.gather_target_patches_reference(imgs, ids, patch_size, norm_pix, eps)
     return _gather_target_patches_op(imgs, ids, int(patch_size), bool(norm_pix), float(eps))
+
+
+def gather_patches(imgs: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The raw patches of imgs (B, c, H, W) at patch indices ids (B, n): (B, n, p*p*c) contiguous, imgs.dtype.
+
+    Patch layout (h, w, p, q, c) as gather_target_patches. Differentiable in imgs: the gradient is the patch
+    gradients summed into a zero image (duplicate ids add up), deterministic, no float atomics.
+    """
+    check_dtype("gather_patches", "imgs", imgs)
+    if imgs.dim() != 4:
+        raise ValueError(f"kernels.gather_patches: imgs must be (B, c, H, W), got {tuple(imgs.shape)}")
+    _check_ids("gather_patches", ids, imgs.shape[0])
+    _check_image("gather_patches", imgs.shape[2], imgs.shape[3], patch_size)
+    if not triton_can_run(imgs, ids):
+        return reference.gather_patches_reference(imgs, ids, patch_size)
+    return _gather_patches_fwd_op(imgs, ids, int(patch_size))
 
 
 def scatter_patches(

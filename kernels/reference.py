@@ -21,6 +21,16 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out.to(q.dtype).contiguous()
 
 
+def self_attention_reference(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """attention_reference on the slices of a packed qkv (B, N, 3, H, d) -> (B, N, H, d)."""
+    return attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale)
+
+
+def cross_attention_reference(q: torch.Tensor, kv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """attention_reference of q (B, Nq, H, d) over a packed kv (B, Nk, 2, H, d) (keys, values) -> (B, Nq, H, d)."""
+    return attention_reference(q, kv[:, :, 0], kv[:, :, 1], scale)
+
+
 def feature_mix_layernorm_reference(
     feats: torch.Tensor,
     weight: torch.Tensor,
@@ -36,6 +46,34 @@ def feature_mix_layernorm_reference(
     normed = F.layer_norm(mixed, (mixed.shape[-1],), eps=eps)
     out = normed * ln_weight.float()[:, None, :] + ln_bias.float()[:, None, :]
     return out.to(feats.dtype)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last dimension in fp32: x (..., C), weight / bias (C,) -> shaped like x, in x.dtype."""
+    normed = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return normed.to(x.dtype)
+
+
+def add_layer_norm_reference(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + branch added in fp32 and stored in x.dtype; y = layer_norm_reference(h). Returns (h, y)."""
+    h = (x.float() + branch.float()).to(x.dtype)
+    return h, layer_norm_reference(h, weight, bias, eps)
+
+
+def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x + bias) with the exact (erf) GELU, in fp32. x (..., N), bias (N,) -> x's shape, x.dtype."""
+    return F.gelu(x.float() + bias.float()).to(x.dtype)
+
+
+def mse_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean((pred - target)**2) in fp32 over all elements: a 0-dim fp32 tensor. pred, target of one shape."""
+    return (pred.float() - target.float()).pow(2).mean()
 
 
 def gather_visible_reference(x: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -92,6 +130,15 @@ def gather_target_patches_reference(
         if norm_pix:
             target = (target - mean) / torch.sqrt(var + eps)
         return target.to(imgs.dtype), mean, var
+
+
+def gather_patches_reference(imgs: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The raw patches of imgs (B, c, H, W) at ids (B, n): (B, n, p*p*c) in imgs.dtype, layout (h, w, p, q, c).
+
+    Differentiable in imgs (autograd scatter-adds the patch gradients, duplicate ids included).
+    """
+    patches = patchify_reference(imgs, patch_size)
+    return torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
 
 
 def scatter_patches_reference(

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     info = distributed.init_distributed("cpu")
     trainer = pretrain.Trainer(args, cfg, info)
     status = trainer.run()
+    trainer.close()  # the DDP wrapper holds the process group; shutdown() below must be able to end it
     digest = hashlib.sha256()
     for p in trainer.model.parameters():
         digest.update(p.detach().numpy().tobytes())
@@ -33,10 +34,10 @@ def main(argv: list[str]) -> int:
             "param_digests": [r["digest"] for r in reports],
             "files_read": [r["files"] for r in reports],
         }))
-    distributed.shutdown()
+    distributed.shutdown(sync=True)
     return status
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.exit(main(sys.argv[1:]))
+    distributed.exit_process(main(sys.argv[1:]))

@@ -1,205 +1,560 @@
-"""Every kernel launch the host functions make at CrossMAE's real shapes compiles for a Hopper GPU (sm_90),
-without a GPU: Triton's code generator plus the ptxas bundled with the triton wheel.
+"""Every kernel launch of a CrossMAE / MAE training step compiles for sm_90 and sm_80 exactly as a GPU launch would
+compile it, without a GPU; registers, spills and shared memory of each kernel are recorded.
 
-This catches what the CPU interpreter cannot (unsupported ops or layouts, type errors in code the interpreter
-runs leniently, dot precisions) and prints each kernel's registers and spills (`pytest -s`). The launches are
-captured by running the host functions on "meta" tensors with the kernels replaced by recorders, so exactly
-the block sizes / warps / dtypes the host would launch are compiled. Skipped where the triton wheel has no
-NVIDIA backend or ptxas.
+What is compiled. The real host functions of every kernel file in KERNEL_FILES (forward and backward) run on
+"meta" tensors at the shapes the S/B/L/H models launch in one training step (batch 256, bf16 and fp16 autocast,
+the models' own layouts: q/k/v strided views of one projection, kv a slice of the batched kv projection, ids as
+the masking produces them), with every kernel replaced by a recorder. Each recorded launch then goes through
+Triton's own launch path instead of a hand-built signature: the binder JITFunction.run uses
+(`create_function_from_signature`, i.e. `specialize_impl`: integers equal to 1 become constants, integers and
+pointers divisible by 16 are marked so, pointer alignment from data_ptr(), which for a meta tensor is its
+storage offset in bytes, as for a 16-byte-aligned CUDA allocation) and `_pack_args` (the CUDA backend's
+`parse_options`: num_warps 4, num_stages 3 unless the launch passes them), then `triton.compile` for
+GPUTarget("cuda", 90 | 80). Registers and spills are read from the ptxas log of that very compile
+(knobs.nvidia.dump_ptxas_log; older Triton: ptxas rerun with the flags make_cubin uses), shared memory from the
+compiled metadata. Identical specialisations are compiled once. Host functions that size grids by the SM count
+see 132 SMs for sm_90 (H100 / H200) and 108 for sm_80 (A100).
+
+Tests: every compile succeeds, and no kernel spills at ViT-S/B/L shapes (ViT-H spills are recorded, not failed).
+`pytest -s` prints the table. CROSSMAE_SAVE_KERNEL_RESOURCES=1 writes bench/results/kernel_resources.{md,json}
+(the default run writes nothing). CROSSMAE_COMPILE_ARCHS (default "90,80") picks the targets.
+Skipped where the triton wheel has no NVIDIA backend, no bundled ptxas, or lacks the launch internals used here.
+Adding a kernel file is one entry in KERNEL_FILES: the module name and a function yielding its launches per model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import importlib
+import inspect
+import io
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
-from kernel_helpers import requires_kernels
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SAVE_ENV = "CROSSMAE_SAVE_KERNEL_RESOURCES"
+ARCHS = tuple(int(a) for a in os.environ.get("CROSSMAE_COMPILE_ARCHS", "90,80").split(","))
+SM_COUNT = {90: 132, 80: 108}  # H100 / H200 and A100: what num_sms() returns on those cards
+BATCH = 256
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+META = torch.device("meta")
 
 try:
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-except ImportError as exc:  # a Triton whose AOT compile API moved
-    pytest.skip(f"triton's compile API is not importable here: {exc}", allow_module_level=True)
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
+except ImportError as exc:  # a Triton whose launch / compile internals moved
+    pytest.skip(f"triton {triton.__version__}: launch internals not importable ({exc}); this test reuses "
+                "JITFunction's binder", allow_module_level=True)
+if not hasattr(JITFunction, "_pack_args") or len(inspect.signature(create_function_from_signature).parameters) != 3:
+    pytest.skip(f"triton {triton.__version__}: JITFunction's launch path (_pack_args, "
+                "create_function_from_signature(sig, kparams, backend)) differs; update specialise() to it",
+                allow_module_level=True)
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+if not PTXAS.exists():
+    pytest.skip("the triton wheel has no bundled ptxas (no NVIDIA backend)", allow_module_level=True)
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-if not os.path.exists(PTXAS):
-    pytest.skip("the triton wheel has no bundled ptxas", allow_module_level=True)
 
-pytestmark = requires_kernels
-MODULES = [importlib.import_module(f"kernels.{name}") for name in ("attention", "feature_mix", "gather")]
-attention_mod, mix_mod, gather_mod = MODULES
-META = torch.device("meta")
-PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64",
-             torch.int32: "*i32"}
+# --------------------------------------------------------------------------------------------------------------
+# The models' shapes
+# --------------------------------------------------------------------------------------------------------------
+
+MODELS = [f"{family}_vit_{size}" for family in ("crossmae", "mae") for size in ("small", "base", "large", "huge")]
+NO_SPILL_SIZES = ("small", "base", "large")
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """What one training step of a model feeds the kernels (from the model's registered config)."""
+
+    model: str
+    family: str
+    img_size: int
+    patch: int
+    num_patches: int  # L
+    len_keep: int  # visible patches; the encoder sees 1 + len_keep tokens
+    n_pred: int  # predicted patches (MAE: every masked one)
+    enc_dim: int
+    enc_heads: int
+    dec_dim: int
+    dec_heads: int
+    dec_depth: int
+    num_features: int  # k, CrossMAE's IBA candidates
+
+    @property
+    def tokens(self) -> int:
+        return 1 + self.len_keep
+
+
+def step_shapes(model: str) -> StepShapes:
+    from model.registry import CONFIGS
+
+    (name,) = [n for n in CONFIGS if n.startswith(model + "_patch")]
+    cfg = CONFIGS[name]
+    split = cfg.split
+    return StepShapes(model, cfg.family, cfg.img_size, cfg.patch_size, cfg.num_patches, split.len_keep, split.n_pred,
+                      cfg.embed_dim, cfg.num_heads, cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.decoder_depth,
+                      cfg.num_features)
+
+
+def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+def _ids(s: StepShapes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible_ids, pred_ids) laid out as model.masking.split_ids returns them."""
+    shuffle = _meta(BATCH, s.num_patches, dtype=torch.int64)
+    return shuffle[:, : s.len_keep], _meta(BATCH, s.n_pred, dtype=torch.int64)
+
+
+Launch = tuple[str, Callable[[], None]]  # (shape label, a call of host functions on meta tensors)
+
+
+def _qkv(B: int, T: int, H: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    return _meta(B, T, 3 * H * d, dtype=dtype).view(B, T, 3, H, d)  # Attention.forward's fused projection
+
+
+def _cross_q_kv(s: StepShapes, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    H, d = s.dec_heads, s.dec_dim // s.dec_heads
+    q = _meta(BATCH, s.n_pred, s.dec_dim, dtype=dtype).view(BATCH, s.n_pred, H, d)
+    # FusedOps.mixed_kv: one baddbmm (depth, B*T, 2D), unbound per block; block 1 starts at an offset
+    kv = _meta(s.dec_depth, BATCH * s.tokens, 2 * s.dec_dim, dtype=dtype)[1].view(BATCH, s.tokens, 2, H, d)
+    return q, kv
+
+
+def _attention_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """Encoder self-attention; CrossMAE's decoder cross-attention or MAE's decoder self-attention."""
+    def self_attn(qkv):
+        scale = 1 / math.sqrt(qkv.shape[-1])
+        out, lse = mod.self_attention_forward(qkv, scale)
+        mod.self_attention_backward(torch.empty_like(out), qkv, out, lse, scale)
+
+    def cross_attn(q, kv):
+        scale = 1 / math.sqrt(q.shape[-1])
+        out, lse = mod.cross_attention_forward(q, kv, scale)
+        mod.cross_attention_backward(torch.empty_like(out), q, kv, out, lse, scale)
+
+    H, d = s.enc_heads, s.enc_dim // s.enc_heads
+    yield f"encoder self B{BATCH} L{s.tokens} H{H} d{d}", lambda: self_attn(_qkv(BATCH, s.tokens, H, d, dtype))
+    H, d = s.dec_heads, s.dec_dim // s.dec_heads
+    if s.family == "crossmae":
+        yield (f"decoder cross B{BATCH} Lq{s.n_pred} Lk{s.tokens} H{H} d{d}",
+               lambda: cross_attn(*_cross_q_kv(s, dtype)))
+    else:
+        T = 1 + s.num_patches
+        yield f"decoder self B{BATCH} L{T} H{H} d{d}", lambda: self_attn(_qkv(BATCH, T, H, d, dtype))
+
+
+def _stream_widths(s: StepShapes) -> list[tuple[str, int, int]]:
+    """(stage, tokens, width) of the residual streams: encoder, then the decoder's queries."""
+    decoder_tokens = s.n_pred if s.family == "crossmae" else 1 + s.num_patches
+    return [("encoder", s.tokens, s.enc_dim), ("decoder", decoder_tokens, s.dec_dim)]
+
+
+def _layer_norm_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """FusedOps.add_layer_norm: the stream (activation dtype) with fp32 LayerNorm parameters, plain and fused
+    with the residual add, and their backward (with and without the stream's own gradient)."""
+    for stage, T, C in _stream_widths(s):
+        def run(T=T, C=C):
+            x, branch = _meta(BATCH, T, C, dtype=dtype), _meta(BATCH, T, C, dtype=dtype)
+            weight, bias = _meta(C), _meta(C)
+            y, mean, rstd = mod.layer_norm_forward(x, weight, bias, 1e-6)
+            mod.layer_norm_backward(torch.empty_like(y), x, weight, mean, rstd)
+            h, y, mean, rstd = mod.add_layer_norm_forward(x, branch, weight, bias, 1e-6)
+            mod.layer_norm_backward(torch.empty_like(y), h, weight, mean, rstd, torch.empty_like(h))
+
+        yield f"{stage} B{BATCH} T{T} C{C}", run
+
+
+def _bias_gelu_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """The MLPs' fc1 output (activation dtype) + fp32 bias, GELU; recomputed in backward."""
+    for stage, T, C in _stream_widths(s):
+        def run(T=T, N=4 * C):
+            z, bias = _meta(BATCH, T, N, dtype=dtype), _meta(N)
+            mod.bias_gelu_forward(z, bias)
+            mod.bias_gelu_backward(torch.empty_like(z), z, bias)
+
+        yield f"{stage} mlp B{BATCH} T{T} N{4 * C}", run
+
+
+def _mse_loss_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """The loss: predictions in the activation dtype, fp32 norm-pix targets."""
+    P = s.patch * s.patch * 3
+
+    def run():
+        pred, target = _meta(BATCH, s.n_pred, P, dtype=dtype), _meta(BATCH, s.n_pred, P)
+        loss = mod.mse_loss_forward(pred, target)
+        mod.mse_loss_backward(torch.empty_like(loss), pred, target)
+
+    yield f"B{BATCH} n{s.n_pred} P{P}", run
+
+
+def _feature_mix_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    if s.family != "crossmae":
+        return
+    K, N, C, J = s.num_features, BATCH * s.tokens, s.enc_dim, s.dec_depth
+
+    def run():
+        feats = _meta(K, N, C, dtype=dtype)  # torch.stack of the encoder features, viewed (k, B*T, C)
+        weight, gamma, beta = _meta(J, K), _meta(J, C), _meta(J, C)  # fp32 parameters under autocast
+        out, mean, rstd = mod.feature_mix_forward(feats, weight, gamma, beta, 1e-6)
+        mod.feature_mix_backward(torch.empty_like(out), feats, weight, gamma, mean, rstd)
+
+    yield f"k{K} N{N} C{C} depth{J}", run
+
+
+def _gather_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """Images, position tables and their gathers stay fp32 under autocast: dtype does not reach these launches.
+    The gather_patches backward runs only when the images require grad; it is compiled all the same."""
+    visible_ids, pred_ids = _ids(s)
+    p, L = s.patch, s.num_patches
+    imgs = _meta(BATCH, 3, s.img_size, s.img_size)
+
+    def encoder():
+        patches = mod.gather_patches_forward(imgs, visible_ids, p)  # FusedOps.embed_patches
+        mod.gather_patches_backward(torch.empty_like(patches), visible_ids, p, s.img_size, s.img_size)
+        mod.gather_rows_forward(None, _meta(1, 1 + L, s.enc_dim)[0, 1:], visible_ids)
+
+    yield f"encoder B{BATCH} n{s.len_keep} p{p} C{s.enc_dim}", encoder
+
+    def decoder():
+        if s.family == "crossmae":
+            mod.gather_rows_forward(None, _meta(1, 1 + L, s.dec_dim)[0, 1:], pred_ids)
+        mod.gather_target_patches_forward(imgs, pred_ids, p, True, 1e-6)
+
+    yield f"targets B{BATCH} n{s.n_pred} p{p}", decoder
+
+
+@dataclass(frozen=True)
+class KernelFile:
+    module: str  # kernels/<module>.py
+    launches: Callable[..., Iterator[Launch]]  # (module, StepShapes, dtype) -> its launches in one training step
+
+
+KERNEL_FILES = [
+    KernelFile("attention", _attention_launches),
+    KernelFile("bias_gelu", _bias_gelu_launches),
+    KernelFile("feature_mix", _feature_mix_launches),
+    KernelFile("gather", _gather_launches),
+    KernelFile("layer_norm", _layer_norm_launches),
+    KernelFile("mse_loss", _mse_loss_launches),
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording launches and compiling them as JITFunction.run would
+# --------------------------------------------------------------------------------------------------------------
 
 
 class Recorder:
     """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
 
-    def __init__(self, kernel, calls: list):
+    def __init__(self, kernel: KernelInterface, calls: list):
         self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, dict(kwargs)))
 
 
-def _meta(*shape, dtype=torch.bfloat16):
-    return torch.empty(*shape, dtype=dtype, device=META)
-
-
-def _host_calls():
-    """label -> host function call on meta tensors at a CrossMAE shape."""
-    cases = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
-        # (B, Lq, Lk, H, d): decoder gamma 0.25 / 0.75, encoder B/16, ViT-H, d = 128, MAE decoder (multi-block)
-        shapes = [(256, 49, 50, 16, 32), (256, 147, 50, 16, 32), (256, 50, 50, 12, 64), (256, 50, 50, 16, 80),
-                  (64, 50, 50, 8, 128), (256, 197, 197, 16, 32)]
-        for B, Lq, Lk, H, d in shapes if dtype == torch.bfloat16 else shapes[:1] + shapes[-1:]:
-            def attn(B=B, Lq=Lq, Lk=Lk, H=H, d=d, dtype=dtype):
-                q = _meta(B, Lq, H, d, dtype=dtype)
-                kv = _meta(B, Lk, 2, H, d, dtype=dtype)
-                out, lse = attention_mod.attention_forward(q, kv[:, :, 0], kv[:, :, 1], 1 / math.sqrt(d))
-                attention_mod.attention_backward(torch.empty_like(out), q, kv[:, :, 0], kv[:, :, 1], out, lse, 0.1)
-            cases[f"attention {tag} Lq{Lq} Lk{Lk} H{H} d{d}"] = attn
-        # (k maps, N rows, C, depth): ViT-B, ViT-L, ViT-H
-        for K, N, C, J in [(13, 256 * 50, 768, 12), (25, 256 * 50, 1024, 12), (33, 256 * 65, 1280, 12)]:
-            def mix(K=K, N=N, C=C, J=J, dtype=dtype):
-                feats = _meta(K, N, C, dtype=dtype)
-                w, g, b = _meta(J, K, dtype=torch.float32), _meta(J, C, dtype=torch.float32), _meta(J, C,
-                                                                                                    dtype=torch.float32)
-                out, mean, rstd = mix_mod.feature_mix_forward(feats, w, g, b, 1e-6)
-                mix_mod.feature_mix_backward(torch.empty_like(out), feats, w, g, mean, rstd)
-            cases[f"feature_mix {tag} k{K} C{C} depth{J}"] = mix
-
-        def gathers(dtype=dtype):
-            B, L, C, n, p = 256, 196, 768, 49, 16
-            ids = _meta(B, n, dtype=torch.int64)
-            x, pos = _meta(B, L, C, dtype=dtype), _meta(L, C, dtype=torch.float32)
-            out = gather_mod.gather_rows_forward(x, pos, ids)
-            gather_mod.gather_rows_forward(None, _meta(L, 512, dtype=torch.float32), ids)
-            gather_mod.gather_rows_backward_x(out, ids, L)
-            gather_mod.gather_rows_backward_table(out, ids, L, torch.float32)
-            imgs = _meta(B, 3, 224, 224, dtype=torch.float32)
-            gather_mod.gather_target_patches_forward(imgs, ids, p, True, 1e-6)
-            patches = _meta(B, n, p * p * 3, dtype=dtype)
-            img, inv = gather_mod.scatter_patches_forward(patches, ids, 224, 224, p, imgs)
-            gather_mod.scatter_patches_backward(img, ids, inv, p, True, True)
-        cases[f"gathers {tag}"] = gathers
-    return cases
-
-
-def _signature(fn: JITFunction, args: tuple, constexprs: dict) -> dict:
-    sig, values = {}, iter(args)
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        value = next(values)
-        if isinstance(value, torch.Tensor):
-            sig[name] = PTR_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    return sig
-
-
-def _ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                              text=True, timeout=120).stderr
-    finally:
-        os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", info)
-    spill = re.search(r"(\d+) bytes spill stores", info)
-    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
-
-
-def compile_case(case: str) -> list[dict]:
-    """Capture the launches of one host call and compile each distinct one; runs outside the interpreter."""
+@contextlib.contextmanager
+def recording(modules: list, sm_count: int) -> Iterator[list]:
     calls: list = []
-    saved = {}
-    for mod in MODULES:
-        for name in dir(mod):
-            obj = getattr(mod, name)
-            if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "fn"):
-                saved[(mod, name)] = obj
+    saved = []
+    for mod in modules:
+        for name, obj in vars(mod).items():
+            if isinstance(obj, KernelInterface):
+                saved.append((mod, name, obj))
                 setattr(mod, name, Recorder(obj, calls))
+        if hasattr(mod, "num_sms"):
+            saved.append((mod, "num_sms", mod.num_sms))
+            mod.num_sms = lambda device: sm_count
     try:
-        _host_calls()[case]()
+        yield calls
     finally:
-        for (mod, name), obj in saved.items():
+        for mod, name, obj in saved:
             setattr(mod, name, obj)
-    results, seen = [], set()
-    for kernel, args, kwargs in calls:
-        fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-        options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 2)}
-        sig = _signature(fn, args, kwargs)
-        key = (fn.__name__, tuple(sig.items()), tuple(sorted(kwargs.items())), tuple(options.items()))
-        if key in seen:
+
+
+_BACKENDS: dict = {}
+_BINDERS: dict = {}
+
+
+def specialise(kernel: KernelInterface, args: tuple, kwargs: dict, arch: int):
+    """(src, options) that `kernel[grid](*args, **kwargs)` would compile for sm_<arch>, via Triton's own binder."""
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(f"{kernel!r}: only plain @triton.jit kernels are recorded; for an autotuned / heuristic "
+                        "kernel, record each config it would compile")
+    if arch not in _BACKENDS:
+        target = GPUTarget("cuda", arch, 32)
+        _BACKENDS[arch] = (target, make_backend(target))
+    target, backend = _BACKENDS[arch]
+    kwargs = dict(kwargs)  # what JITFunction.run adds before binding
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    key = (id(kernel), arch)
+    if key not in _BINDERS:
+        _BINDERS[key] = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = _BINDERS[key](*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return target, ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def _ptxas_usage(log: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    if not regs or not spills:
+        raise RuntimeError(f"no register / spill line in the ptxas log:\n{log[-2000:]}")
+    return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))}
+
+
+def _rerun_ptxas(ptx: str, arch: int) -> str:
+    """Triton without the dump_ptxas_log knob: run ptxas -v with the flags CUDABackend.make_cubin passes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        cmd = [str(PTXAS), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src), "-o",
+               str(Path(tmp) / "k.o")]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stderr
+
+
+def compile_launch(target, src, options) -> dict:
+    log = io.StringIO()
+    has_knob = hasattr(knobs.nvidia, "dump_ptxas_log")
+    before = knobs.nvidia.dump_ptxas_log if has_knob else None
+    try:
+        if has_knob:
+            knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log to stdout
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+    finally:
+        if has_knob:
+            knobs.nvidia.dump_ptxas_log = before
+    text = log.getvalue() if has_knob else _rerun_ptxas(compiled.asm["ptx"], target.arch)
+    return {**_ptxas_usage(text), "shared_bytes": int(compiled.metadata.shared)}
+
+
+def compile_all(file_names: list[str] | None = None) -> Iterator[dict]:
+    """One row per (kernel file, model, launch shape, dtype, arch, kernel launch); compiles each distinct
+    specialisation once. Runs outside the interpreter (see the `resources` fixture)."""
+    modules, entries = [], []
+    for entry in KERNEL_FILES:
+        if file_names is not None and entry.module not in file_names:
             continue
-        seen.add(key)
-        row = {"case": case, "kernel": fn.__name__, "num_warps": options["num_warps"],
-               "blocks": {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}}
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kwargs),
-                                      target=GPUTarget("cuda", 90, 32), options=options)
-            row["registers"], row["spill_bytes"] = _ptxas_usage(compiled.asm["ptx"])
-            row["error"] = None
+            modules.append(importlib.import_module(f"kernels.{entry.module}"))
+            entries.append((entry, modules[-1]))
+        except ModuleNotFoundError as exc:
+            yield {"file": entry.module, "missing": str(exc)}
+    done: dict = {}
+    for arch in ARCHS:
+        for entry, mod in entries:
+            for model in MODELS:
+                s = step_shapes(model)
+                for dtype_name, dtype in DTYPES.items():
+                    for shape, call in entry.launches(mod, s, dtype):
+                        row = {"file": entry.module, "model": model, "shape": shape, "dtype": dtype_name,
+                               "arch": f"sm_{arch}"}
+                        try:
+                            with recording(modules, SM_COUNT[arch]) as calls:
+                                call()
+                        except Exception as exc:  # a host function that fails on these shapes
+                            yield {**row, "kernel": "(host)", "error": f"{type(exc).__name__}: {exc}"}
+                            continue
+                        for kernel, args, kwargs in calls:
+                            yield {**row, **_compiled_row(done, kernel, args, kwargs, arch)}
+
+
+def _compiled_row(done: dict, kernel, args, kwargs, arch) -> dict:
+    name = getattr(kernel, "__name__", repr(kernel))
+    try:
+        target, src, options = specialise(kernel, args, kwargs, arch)
+    except Exception as exc:
+        return {"kernel": name, "error": f"specialise: {type(exc).__name__}: {exc}"}
+    key = (name, repr(src.signature), repr(sorted(src.constants.items(), key=str)), repr(src.attrs),
+           repr(sorted(options.__dict__.items())), arch)
+    if key not in done:
+        info = {"kernel": name, "num_warps": options.num_warps, "num_stages": options.num_stages,
+                "constexprs": {_arg_name(kernel, path): _plain(v) for path, v in src.constants.items()},
+                "error": None}
+        try:
+            info.update(compile_launch(target, src, options))
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
-        results.append(row)
-    return results
+            info["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+        done[key] = info
+    return done[key]
+
+
+def _arg_name(kernel: JITFunction, path: tuple) -> str:
+    name = kernel.arg_names[path[0]]
+    return name if len(path) == 1 else f"{name}{list(path[1:])}"
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, bool, str)) or value is None else str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, list[dict]]:
-    """Compile every case in one subprocess without TRITON_INTERPRET: under the interpreter even
-    triton.language's own @jit helpers (tl.sum ...) are interpreted functions the code generator cannot use."""
+def resources() -> list[dict]:
+    """Record and compile everything in one subprocess without TRITON_INTERPRET: under the interpreter
+    the kernels (and triton.language's own @jit helpers) are interpreted functions the code generator cannot use.
+    A fresh Triton cache makes every compile run ptxas, whose log is the register / spill source."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=900)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=1200)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 and not rows:
-        pytest.fail(f"compile subprocess failed:\n{proc.stderr[-4000:]}")
-    by_case: dict[str, list[dict]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], []).append(row)
-    return by_case
+    if proc.returncode != 0:
+        pytest.fail(f"compile subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    rows = [r for r in rows if "kernel" in r or "missing" in r]
+    if os.environ.get(SAVE_ENV) == "1":
+        write_results(rows)
+    print("\n" + "\n".join(markdown_table([r for r in rows if "kernel" in r])))
+    return rows
 
 
-@pytest.mark.parametrize("case", list(_host_calls()))
-def test_kernels_compile_for_sm90(case, compiled):
-    rows = compiled.get(case)
-    assert rows, f"{case}: no kernel compiled (crashed before?)"
-    for row in rows:
-        print(f"{case:40s} {row['kernel']:32s} warps {row['num_warps']:2d} regs {row.get('registers')} "
-              f"spill {row.get('spill_bytes')} B {row['blocks']}")
-    failed = [f"{row['kernel']} {row['blocks']}: {row['error']}" for row in rows if row["error"]]
+CASES = [(entry.module, model) for entry in KERNEL_FILES for model in MODELS]
+
+
+@pytest.mark.parametrize("file,model", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_launches_compile(file, model, resources):
+    missing = [r["missing"] for r in resources if r.get("file") == file and "missing" in r]
+    if missing:
+        pytest.skip(f"kernels/{file}.py is not importable: {missing[0]}")
+    rows = [r for r in resources if r.get("file") == file and r.get("model") == model]
+    if not rows:
+        pytest.skip(f"{model} launches nothing from kernels/{file}.py")
+    failed = [f"{r['shape']} {r['dtype']} {r['arch']} {r['kernel']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n\n".join(failed)
+    if model.rsplit("_", 1)[-1] in NO_SPILL_SIZES:
+        spills = [f"{r['shape']} {r['dtype']} {r['arch']} {r['kernel']} (warps {r['num_warps']}, "
+                  f"{r['constexprs']}): {r['registers']} registers, {r['spill_bytes']} B spilled"
+                  for r in rows if r["spill_bytes"]]
+        assert not spills, "kernels spill at ViT-S/B/L shapes:\n" + "\n".join(spills)
+
+
+def _probe_kernel(x_ptr, n, m, k, BLOCK: tl.constexpr):  # only specialised here, never compiled
+    pass
+
+
+def test_specialisation_follows_triton_launch_rules():
+    """specialise() is Triton's own binder: an integer 1 becomes a constant, integers and pointers divisible by 16
+    are marked so (a meta view's data_ptr is its byte offset), and the CUDA defaults fill num_warps / num_stages."""
+    fn = JITFunction(_probe_kernel)
+    x = _meta(64, dtype=torch.bfloat16)
+    _, src, options = specialise(fn, (x[1:], 1, 32, 17), {"BLOCK": 64}, 90)
+    assert src.signature == {"x_ptr": "*bf16", "n": "constexpr", "m": "i32", "k": "i32", "BLOCK": "constexpr"}
+    assert {path[0]: value for path, value in src.constants.items()} == {1: 1, 4: 64}
+    divisible = {path[0] for path, attrs in src.attrs.items() if ["tt.divisibility", 16] in attrs}
+    assert divisible == {2}, src.attrs  # the view starts 2 bytes in: not 16-byte aligned
+    _, src, options = specialise(fn, (x[8:], 1, 32, 17), {"BLOCK": 64}, 80)
+    assert {path[0] for path, attrs in src.attrs.items() if ["tt.divisibility", 16] in attrs} == {0, 2}
+    assert (options.num_warps, options.num_stages) == (4, 3)
+    _, _, options = specialise(fn, (x, 2, 32, 17), {"BLOCK": 64, "num_warps": 8, "num_stages": 2}, 90)
+    assert (options.num_warps, options.num_stages) == (8, 2)
+
+
+def test_kernel_table_covers_every_kernel_file():
+    """A new kernels/*.py with launches must get an entry in KERNEL_FILES (helpers excluded)."""
+    files = {p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_")} - {"reference"}
+    missing = files - {entry.module for entry in KERNEL_FILES}
+    assert not missing, f"kernels/{sorted(missing)}.py have no KERNEL_FILES entry in {Path(__file__).name}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results table
+# --------------------------------------------------------------------------------------------------------------
+
+COLUMNS = ("kernel", "model", "shape", "dtype", "arch", "config", "num_warps", "num_stages", "registers",
+           "spill_bytes", "shared_bytes")
+
+
+def _config(row: dict) -> str:
+    """The kernel's own constexpr parameters (block sizes, flags), not the arguments specialised to 1."""
+    return " ".join(f"{k}={v}" for k, v in (row.get("constexprs") or {}).items() if k.isupper())
+
+
+def _merged(rows: list[dict]) -> list[dict]:
+    """Rows identical up to dtype (fp32 gathers under bf16 and fp16 autocast) merged into one "bf16, fp16" row."""
+    merged: dict = {}
+    for r in rows:
+        r = {**r, "config": _config(r)}
+        key = (*(str(r.get(c)) for c in COLUMNS if c != "dtype"), str(r.get("constexprs")))
+        if key in merged:
+            merged[key]["dtype"] += ", " + r["dtype"]
+        else:
+            merged[key] = r
+    return list(merged.values())
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in _merged(rows):
+        cells = [str(r.get(c, "")) if not r.get("error") or c in ("kernel", "model", "shape", "dtype", "arch")
+                 else "ERROR" for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(rows: list[dict]) -> None:
+    ptxas = subprocess.run([str(PTXAS), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "torch": torch.__version__, "triton": triton.__version__, "ptxas": ptxas[-1] if ptxas else None,
+             "python": platform.python_version(), "gpu": "none (ahead-of-time compile)",
+             "command": f"{SAVE_ENV}=1 python -m pytest -q tests/test_kernels_compile.py",
+             "batch": BATCH, "archs": [f"sm_{a}" for a in ARCHS], "sm_count": SM_COUNT}
+    compiled = [r for r in rows if "kernel" in r]
+    missing = [r for r in rows if "missing" in r]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # one launch per line: diffable, a fraction of an indented dump's size
+    lines = [json.dumps(r, separators=(",", ":")) for r in compiled]
+    (RESULTS / "kernel_resources.json").write_text(
+        f'{{"machine": {json.dumps(facts)},\n"missing": {json.dumps(missing)},\n"results": [\n'
+        + ",\n".join(lines) + "\n]}\n")
+    spilled = sorted({(r["kernel"], r["model"], r["arch"]) for r in compiled if r.get("spill_bytes")})
+    md = ["# Kernel resources: registers, spills, shared memory per launch", "",
+          f"{facts['date']} · no GPU: ahead-of-time compile · torch {facts['torch']} · triton {facts['triton']} · "
+          f"{facts['ptxas']} · Python {facts['python']}", "",
+          f"Command: `{facts['command']}`", "",
+          f"Every launch the S/B/L/H CrossMAE and MAE models make in one training step (forward and backward), batch "
+          f"{BATCH}, compiled through Triton's launch-time specialisation for {', '.join(facts['archs'])} "
+          "(tests/test_kernels_compile.py). Registers and spill stores from ptxas -v, shared memory (bytes) from "
+          "the compiled metadata. Rows identical across dtypes are merged.", ""]
+    if missing:
+        md += [f"Not covered (kernel file not importable): {', '.join(r['file'] for r in missing)}", ""]
+    md += [f"Spilling launches: {len(spilled)}" + (": " + "; ".join(" ".join(s) for s in spilled) if spilled else ""),
+           ""]
+    md += markdown_table(compiled)
+    (RESULTS / "kernel_resources.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
-    for name in _host_calls():
-        for result in compile_case(name):
-            print(json.dumps(result), flush=True)
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else None
+    for result in compile_all(only):
+        print(json.dumps(result), flush=True)

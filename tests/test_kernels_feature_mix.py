@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernel_helpers import (
@@ -31,7 +32,9 @@ def seed():
 
 
 MIX_SHAPES = [
-    (3, 5, 40, 2),  # tiny, C not a power of two
+    (3, 5, 40, 2),  # tiny, C not a power of two (three 16-channel chunks)
+    (4, 3, 60, 3),  # one masked 64-channel chunk (the whole-row path)
+    (6, 11, 273, 5),  # odd C over nine 32-channel chunks, the last one partial; N not a multiple of 8 rows
     (13, 6, 96, 12),  # ViT-B structure (13 maps into 12 blocks) at a small width
     (33, 3, 80, 17),  # ViT-H's 33 maps (two k chunks), depth > 16 (two decoder-block tiles)
     (13, 2, 768, 12),  # ViT-B's width
@@ -70,10 +73,11 @@ def test_feature_mix_strided_features():
     _check_mix(stack.transpose(0, 1), weight, gamma, beta, leaves=(stack, weight, gamma, beta))
 
 
-@pytest.mark.parametrize("row_groups", [1, 2, 7])
+@pytest.mark.parametrize("row_groups", [1, 2, 3])
 def test_feature_mix_backward_partial_sums(row_groups):
-    """The per-program partial sums of dW / dgamma / dbeta add up for any split of the rows."""
-    feats, weight, gamma, beta = (t.detach() for t in mix_inputs(5, 7, 40, 3))
+    """The per-program partial sums of dW / dgamma / dbeta add up for any split of the rows (groups of 40, 24
+    and 16 rows for N = 37: whole and partial 8-row blocks)."""
+    feats, weight, gamma, beta = (t.detach() for t in mix_inputs(5, 37, 40, 3))
     out, mean, rstd = feature_mix_forward(feats, weight, gamma, beta, 1e-6)
     dout = torch.randn_like(out)
     got = feature_mix_backward(dout, feats, weight, gamma, mean, rstd, row_groups=row_groups)
@@ -81,6 +85,34 @@ def test_feature_mix_backward_partial_sums(row_groups):
     want = grads(ref.feature_mix_layernorm_reference(*leaves), leaves, dout)
     for name, g, w in zip(("dfeats", "dweight", "dln_weight", "dln_bias"), got, want, strict=True):
         assert_close(g, w, 1e-4, name)
+
+
+def test_feature_mix_chunked_variance_with_large_mean():
+    """Rows whose mean (30) dwarfs their spread (0.07): the chunk-by-chunk variance merge stays as exact as a
+    two-pass one (E[y^2] - E[y]^2 in fp32 would be ~4% off here). The problem is ill-conditioned in fp32 itself
+    (dW sums products of ~30 that cancel), so the truth is an fp64 evaluation and the bound is twice the fp32
+    reference's own error."""
+    feats, weight, gamma, beta = mix_inputs(3, 4, 273, 2)
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    shifted = feats.detach() * 0.1 + 30.0
+
+    def run(fn, dtype):
+        leaves = [leaf(t.detach().to(dtype)) for t in (shifted, weight, gamma, beta)]
+        out = fn(*leaves)
+        dout = torch.linspace(-1, 1, out.numel(), dtype=dtype, device=DEVICE).view_as(out)
+        return (out, *grads(out, leaves, dout))
+
+    def fp64_truth(f, w, g, b):
+        mixed = torch.einsum("jk,knc->jnc", w, f)
+        return F.layer_norm(mixed, (mixed.shape[-1],), eps=1e-6) * g[:, None] + b[:, None]
+
+    truth = run(fp64_truth, torch.float64)
+    got = run(kernels.feature_mix_layernorm, torch.float32)
+    baseline = run(ref.feature_mix_layernorm_reference, torch.float32)
+    for name, g, t, r in zip(("out", "dfeats", "dweight", "dln_weight", "dln_bias"), got, truth, baseline,
+                             strict=True):
+        assert_close(g, t, 1e-5, name, baseline=r)
 
 
 def test_feature_mix_rejects_bad_inputs():

@@ -118,6 +118,52 @@ def test_gather_target_patches_layout_and_channels_last():
         assert torch.equal(targets[0, t], block.permute(1, 2, 0).reshape(-1))
 
 
+@pytest.mark.parametrize("shape", [*PATCH_SHAPES, (2, 2, 15, 10, 5, 6)],
+                         ids=lambda s: "B{}-c{}-{}x{}-p{}-n{}".format(*s))
+def test_gather_patches(shape):
+    """Raw patches and their gradient to the image (a strided view here) against autograd of the reference."""
+    B, c, H, W, p, n = shape
+    base = torch.randn(B, c, W, H, device=DEVICE, requires_grad=True)
+    imgs = base.transpose(2, 3)  # (B, c, H, W) with the column stride > 1
+    ids = distinct_ids(B, (H // p) * (W // p), n)
+    out = kernels.gather_patches(imgs, ids, p)
+    expected = ref.gather_patches_reference(imgs, ids, p)
+    assert out.is_contiguous() and out.shape == (B, n, p * p * c) and out.dtype == imgs.dtype
+    assert_close(out, expected, 0, "patches")
+    dout = torch.randn_like(out)
+    assert_close(grads(out, (base,), dout)[0], grads(expected, (base,), dout)[0], 0, "dimgs")
+
+
+def test_gather_patches_duplicate_ids_add_up():
+    """Duplicate ids (legal, though masking never makes them): the image gradient is the exact scatter-add."""
+    B, c, H, W, p = 2, 3, 8, 12, 4
+    imgs = torch.randn(B, c, H, W, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([[1, 4, 1, 1, 0], [5, 5, 2, 3, 5]], device=DEVICE)
+    out = kernels.gather_patches(imgs, ids, p)
+    expected = ref.gather_patches_reference(imgs, ids, p)
+    assert_close(out, expected, 0, "patches")
+    dout = torch.randn_like(out)
+    assert_close(grads(out, (imgs,), dout)[0], grads(expected, (imgs,), dout)[0], 1e-6, "dimgs")
+
+
+def test_gather_patches_custom_ops_and_every_element_written(monkeypatch):
+    """opcheck of both custom ops (schema, fake kernel, autograd); NaN-poisoned torch.empty buffers never
+    survive into the patches or the image gradient (pixels no patch covers must be written as zeros)."""
+    imgs = torch.randn(2, 3, 8, 12, device=DEVICE)
+    ids = distinct_ids(2, 6, 3)
+    torch.library.opcheck(torch.ops.crossmae.gather_patches_fwd, (imgs.clone().requires_grad_(), ids, 4))
+    torch.library.opcheck(torch.ops.crossmae.gather_patches_bwd, (torch.randn(2, 3, 48, device=DEVICE), ids, 4, 8,
+                                                                  12))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    leaf_imgs = imgs.clone().requires_grad_()
+    out = kernels.gather_patches(leaf_imgs, ids, 4)
+    dimgs = grads(out, (leaf_imgs,), torch.ones_like(out))[0]
+    monkeypatch.undo()
+    assert not torch.isnan(out).any() and not torch.isnan(dimgs).any()
+    assert (dimgs == 0).sum() == 2 * 3 * 3 * 16  # the 3 patches per image nobody gathered
+
+
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 12, 8, 4, 4), (1, 3, 28, 42, 14, 5)],
                          ids=lambda s: "B{}-c{}-{}x{}-p{}-n{}".format(*s))
@@ -156,6 +202,10 @@ def test_gather_rejects_bad_inputs():
         kernels.gather_rows(x[0], torch.zeros(2, 3, device=DEVICE))
     with pytest.raises(ValueError, match="divisible"):
         kernels.gather_target_patches(torch.randn(1, 3, 10, 10, device=DEVICE), distinct_ids(1, 4, 2), 4)
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.gather_patches(torch.randn(1, 3, 10, 10, device=DEVICE), distinct_ids(1, 4, 2), 4)
+    with pytest.raises(ValueError, match="ids has batch"):
+        kernels.gather_patches(torch.randn(2, 3, 8, 8, device=DEVICE), distinct_ids(1, 4, 2), 4)
 
 
 

@@ -61,6 +61,23 @@ def test_triton_backend_matches_torch_loss_and_gradients(name, overrides, monkey
         assert rel_err(fused_params[k].grad, p.grad) < 1e-4, k
 
 
+@pytest.mark.parametrize("name", [TINY, TINY_MAE])
+def test_triton_backend_gradient_of_the_input_images(name):
+    """The images' gradient (through the embedding's patch gather and through the targets, as in the
+    reference) matches, and so do the parameters' gradients on this path."""
+    ref, fused = twin_models(name)
+    g = torch.Generator().manual_seed(5)
+    imgs, noise = torch.randn(2, 3, 64, 64, generator=g).to(DEVICE), torch.rand(2, 64, generator=g).to(DEVICE)
+    imgs_ref, imgs_fused = imgs.clone().requires_grad_(), imgs.clone().requires_grad_()
+    ref(imgs_ref, noise).loss.backward()
+    fused(imgs_fused, noise).loss.backward()
+    assert imgs_fused.grad is not None
+    assert rel_err(imgs_fused.grad, imgs_ref.grad) < 1e-4
+    fused_params = dict(fused.named_parameters())
+    for k, p in ref.named_parameters():
+        assert rel_err(fused_params[k].grad, p.grad) < 1e-4, k
+
+
 def test_triton_backend_reconstruction_matches_torch():
     ref, fused = twin_models(TINY)
     imgs, noise = torch.randn(2, 3, 64, 64, device=DEVICE), torch.rand(2, 64, device=DEVICE)
@@ -87,14 +104,21 @@ def test_triton_backend_bf16_autocast_on_gpu(name):
         assert rel_err(fused_params[k].grad.float(), p.grad.float()) < 5e-2, k
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", [TINY, TINY_MAE])
-def test_triton_backend_compiles_as_one_graph(name):
-    """The kernels are custom ops: torch.compile(fullgraph=True) traces the fused model without a break."""
+def test_training_step_compiles_as_one_graph(name, backend):
+    """torch.compile(fullgraph=True) captures forward + loss as one graph (a graph break or a host sync such as
+    .item() would raise) on both backends, and its AOT backward gives the eager gradients."""
     torch._dynamo.reset()
-    model = create_model(name, backend="triton", depth=1, decoder_depth=1).to(DEVICE)
+    model = create_model(name, backend=backend, depth=1, decoder_depth=1).to(DEVICE)
     imgs, noise = torch.randn(2, 3, 64, 64, device=DEVICE), torch.rand(2, 64, device=DEVICE)
     eager = model(imgs, noise)["loss"]
+    eager.backward()
+    eager_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(imgs, noise)["loss"]
     compiled.backward()
     assert torch.allclose(compiled, eager, rtol=1e-5)
-    assert model.blocks[0].attn.qkv.weight.grad is not None
+    for k, p in model.named_parameters():
+        assert p.grad is not None, k
+        assert rel_err(p.grad, eager_grads[k]) < 1e-5, k

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,14 +196,23 @@ def test_truncated_last_checkpoint_is_an_error_and_is_kept(tmp_path, capsys):
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    """torchrun with gloo: both ranks end with identical parameters and read disjoint shards."""
+    """torchrun with gloo: both ranks end with identical parameters and read disjoint shards.
+    --standalone: torchrun picks a free port itself (a fixed one collides with any other run of the suite
+    on the machine)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29533", str(ROOT / "tests" / "ddp_worker.py"),
-                             "--output_dir", str(out), "--max_steps", "3", *QUICK],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    with contextlib.ExitStack() as stack:
+        # Hold the port the test once fixed (29533), as a parallel run of the suite would.
+        busy = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with contextlib.suppress(OSError):
+            busy.bind(("", 29533))
+            busy.listen()
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(ROOT / "tests" / "ddp_worker.py"),
+                                 "--output_dir", str(out), "--max_steps", "3", *QUICK],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "terminate called" not in result.stderr  # gloo threads torn down under a live interpreter
     report = json.loads((out / "ddp_report.json").read_text())
     assert report["world_size"] == 2
     assert report["param_digests"][0] == report["param_digests"][1]

@@ -3,13 +3,20 @@
 A checkpoint is a dict of tensors and plain Python values only (no pickled objects), so that
 ``torch.load(weights_only=True)`` reads it. It is written to a temporary file in the same folder,
 flushed to disk, then renamed over the old one: a run killed at any moment (SIGKILL included)
-leaves either the previous checkpoint or the new one, never a torn file.
+leaves either the previous checkpoint or the new one, never a torn file. A write that fails (full
+disk, read-only file system) raises `CheckpointWriteError`, whose one-line message says that the
+previous file is intact. The temporary files of a killed writer are removed by the next run
+(`remove_stale_temporaries`); the run's folder lock (`RunLock`) is what makes that safe.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
+import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,23 +29,121 @@ from model.official import read_checkpoint
 LAST = "checkpoint-last.pth"
 FORMAT = "crossmae-train-v1"
 REQUIRED = ("format", "model", "optimizer", "step", "epoch", "batch_in_epoch", "args")
+LOCK = "run.lock"
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the file it would have replaced is untouched."""
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0o666 less the umask (mkstemp's is 0o600)."""
+    try:  # Linux states it; elsewhere reading the umask means setting it (briefly, process-wide)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``obj`` to ``path`` via a temporary file and an atomic rename.
+
+    Raises CheckpointWriteError (one line: the file, the reason, "the previous one is intact") when the
+    folder cannot be written or fills up; the temporary file is removed then."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos")
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, e)) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    cause = error  # torch.save wraps the OSError of a full disk in a RuntimeError: find the OSError
+    while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+        cause = cause.__cause__ or cause.__context__
+    reason = cause.strerror if cause is not None else " ".join(str(error).split())[:160]
+    try:
+        free = shutil.disk_usage(path.parent).free
+        reason += f"; {free / 2**20:.1f} MiB free there"
+    except OSError:
+        pass
+    intact = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
+    return f"could not write checkpoint {path} ({reason}): {intact}; free space or fix the folder, then resume"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed ``save_atomic`` left in ``folder`` (call it holding the
+    folder's RunLock, so that no live writer's file is touched); returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(f".*.pth.*{_TMP_SUFFIX}"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on ``<folder>/run.lock`` for the life of this process: one run per folder.
+
+    A POSIX record lock (``lockf``): the kernel drops it when the process dies, SIGKILL included, so
+    it is never left stuck; it is not inherited by forked data-loader workers. The file holds the
+    holder's pid, host, start time and command line, for the refusal message. Needs a file system
+    with POSIX locks (local disks, NFSv4; not every network mount)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockedError naming the holder; OSError if the file cannot be made."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+            os.close(fd)
+            raise RunLockedError(f"--output_dir {self.path.parent} is in use by another run ({holder}); "
+                                 "wait for it to end, stop it, or choose another --output_dir") from None
+        try:
+            started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            info = f"pid {os.getpid()} on {socket.gethostname()} since {started}: {' '.join(sys.argv)}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode("utf-8", "replace")[:4000] + b"\n", 0)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock; the file stays (unlinking it would race a waiter)
+            self._fd = None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from model import classifier_names, create_classifier, load_encoder, read_checkpoint
+from model import classifier_names, create_classifier, read_checkpoint
+from model.official import short_list
+from model.timm_format import load_encoder_weights
 from train import distributed
 from train.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.checkpoint import LAST, save_atomic
@@ -59,8 +61,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                                 description=f"{'Fine-tune' if mode == 'finetune' else 'Linear-probe'} a pre-trained "
                                             "encoder on <data_path>/train, evaluating on <data_path>/val.")
     p.add_argument("--model", default="vit_tiny_patch8", help=f"one of: {', '.join(classifier_names())}")
-    p.add_argument("--finetune", default=None, help="pre-trained checkpoint (ours or the authors'); "
-                                                     "none = random initialisation")
+    p.add_argument("--finetune", default=None, help="pre-trained weights: a pre-training checkpoint (ours or the "
+                                                     "authors') or timm ViT weights (.safetensors / .pth, e.g. from "
+                                                     "train.export); none = random initialisation")
     p.add_argument("--img_size", type=int, default=32)
     p.add_argument("--patch_size", type=int, default=None, help="default: the model's (must match the checkpoint)")
     p.add_argument("--data_path", default="digits", help="folder with train/ and val/ image folders, or 'digits'")
@@ -163,9 +166,9 @@ class ClassifyRun:
                                        drop_path=getattr(args, "drop_path", 0.0), linear_probe=not self.finetune,
                                        img_size=args.img_size, patch_size=args.patch_size)
         if args.finetune:
-            unused = load_encoder(self.model, read_checkpoint(args.finetune))
-            logger.info("loaded the encoder of %s (%d entries not used: decoder and pre-training state)",
-                        args.finetune, len(unused))
+            unused = load_encoder_weights(self.model, args.finetune)  # ours, the authors', or timm's layout
+            logger.info("loaded the encoder of %s (%d entries not used: %s)", args.finetune, len(unused),
+                        short_list(unused))
         else:
             logger.warning("no --finetune checkpoint: the encoder starts from random initialisation")
         if not self.finetune:

@@ -12,9 +12,10 @@ instead of DALI's own reader shuffle and random ops: that makes batches a pure f
 (seed, epoch, batch index), hence exactly resumable, and identical to the PyTorch fallback's.
 
 Decode failures: the up-front scan removes files Pillow cannot decode. If DALI still fails on a
-batch, the loader finds the culprit files by decoding that batch's files one by one, replaces them
-within their batch (logged, listed in `loader.skipped`), rebuilds the pipeline at that batch, and
-carries on: an epoch never dies on a bad file.
+batch (the first batches of a pass included, which run when the iterator is built), the loader finds
+the culprit files by decoding that batch's files one by one, replaces them within their batch
+(logged, listed in `loader.skipped`), rebuilds the pipeline at that batch, and carries on: an epoch
+never dies on a bad file. Only a batch whose every file fails raises (RuntimeError).
 
 Tested with nvidia-dali-cuda130 2.4.0 (CPU pipelines; the mixed variant needs a GPU).
 """
@@ -137,34 +138,43 @@ class DaliLoader(FolderLoader):
     def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= len(self):  # nothing left of this epoch (resumed at its very end): DALI would refuse
             return
-        self._start_pass(epoch, start)
-        index, failures = start, 0
+        index, failures, restart = start, 0, True
         while True:
             try:
+                # Building the iterator (or resetting it) already runs the first batches: a bad file
+                # there fails here, inside the guard, like one found later in the pass.
+                if restart:
+                    restart = False
+                    self._start_pass(epoch, index)
                 out = next(self._iterator)[0]
             except StopIteration:
                 self._state = "done"
                 return
             except RuntimeError as exc:  # a decode failure stops the pipeline: isolate the file, rebuild, go on
+                self._state = "none"
                 failures += 1
                 if failures > self.plan.batch_size or not self._isolate_failures(epoch, index, exc):
-                    self._state = "none"
                     raise
-                self._state = "none"
-                self._start_pass(epoch, index)
+                self._batch(epoch, index)  # raises a plain error if no file of the batch is left
+                restart = True
                 continue
             index += 1
             yield (out["images"].to(self.device, non_blocking=True),
                    out["labels"].view(-1).to(self.device, non_blocking=True))
 
     def _isolate_failures(self, epoch: int, index: int, exc: Exception) -> bool:
-        """Decode the files of batch `index` one by one; mark those that fail. True if any did."""
-        ids, _, _ = self.plan.batch(epoch, index)
-        failed = [int(i) for i in dict.fromkeys(ids.tolist()) if i not in self._bad and
-                  not self._decodes(self.index.files[i])]
-        if failed:
-            self._mark_bad(failed, f"DALI: {str(exc).strip().splitlines()[-1][:200]}")
-        return bool(failed)
+        """Decode the files of batch `index` one by one, then (if all of those decode) of the batches
+        prefetched after it, whose failure can surface first; mark those that fail. True if any did."""
+        last = min(len(self), index + max(1, self.prefetch_queue_depth))
+        for b in range(index, last):
+            ids, _, _ = self.plan.batch(epoch, b)
+            failed = [int(i) for i in dict.fromkeys(ids.tolist()) if i not in self._bad and
+                      not self._decodes(self.index.files[i])]
+            if failed:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+                self._mark_bad(failed, f"DALI: {reason}")
+                return True
+        return False
 
     def _decodes(self, path: str) -> bool:
         def once(info):

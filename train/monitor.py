@@ -47,18 +47,45 @@ def setup_logging(is_main: bool) -> None:
 
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0 only); mirrors scalars
-    to TensorBoard when asked."""
+    to TensorBoard when asked.
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+    ``resume_step``: the step the run starts from. Records of later steps (logged after the last
+    checkpoint by a run that was then killed) are moved to ``metrics.jsonl.superseded``, since they
+    are logged again, so that the file holds each step once."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        if enabled:
+            self._drop_after(resume_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events of steps >= it that an earlier, killed run wrote
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _drop_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept, dropped = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                later = json.loads(line)["step"] > step
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write: not a record
+                later = True
+            (dropped if later else kept).append(line if line.endswith("\n") else line + "\n")
+        if not dropped:
+            return
+        with open(self.path.with_name(self.path.name + ".superseded"), "a") as f:
+            f.writelines(dropped)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        logger.info("metrics.jsonl: %d record(s) after step %d moved to %s.superseded (those steps run again)",
+                    len(dropped), step, self.path.name)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -11,9 +11,12 @@
     torchrun --nproc_per_node=8 -m train.pretrain --model crossmae_vit_base_patch16 \\
         --data_path /data/imagenet/train --batch_size 256 --accum_iter 2 --output_dir runs/crossmae_b
 
-Running the same command again resumes from ``<output_dir>/checkpoint-last.pth``; ``--resume PATH``
-resumes from another file. The learning rate is ``(kept_mask_ratio / mask_ratio) * blr * eff_batch /
-256`` unless ``--lr`` is given; the effective batch is batch_size x accum_iter x world size.
+Running the same command again resumes from ``<output_dir>/checkpoint-last.pth`` (from the newest
+kept ``checkpoint-<epoch>.pth`` if that file is unreadable); ``--resume PATH`` resumes from another
+file. One run at a time may use an output folder (``run.lock``); a resumed run refuses other model,
+batch, seed or optimisation settings and warns about other changed flags. The learning rate is
+``(kept_mask_ratio / mask_ratio) * blr * eff_batch / 256`` unless ``--lr`` is given; the effective
+batch is batch_size x accum_iter x world size.
 
 Each epoch runs ``len(loader) // accum_iter`` optimizer steps (a tail shorter than one step is not
 read). The data order, crops and masks are pure functions of (seed, epoch, position, rank), so a
@@ -27,6 +30,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -36,9 +40,22 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model import create_model, get_config, list_models
+from model import MAE, CrossMAE, ModelConfig, get_config, list_models
+from model.official import short_list
+from model.timm_format import load_encoder_weights
 from train import distributed
-from train.checkpoint import FORMAT, LAST, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from train.checkpoint import (
+    FORMAT,
+    LAST,
+    CheckpointWriteError,
+    RunLock,
+    RunLockedError,
+    load_training_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from train.data import BACKENDS as DATA_BACKENDS
 from train.data import build_loader, resolve_data_path
 from train.monitor import MetricsLog, ProgressBar, peak_flops, setup_logging
@@ -49,10 +66,17 @@ logger = logging.getLogger("train")
 
 DEFAULT_MODEL = "crossmae_vit_tiny_patch8"
 VIS_IMAGES = 8
-# Flags a resumed run must share with the run that wrote the checkpoint: they fix the model's shape, or the
-# meaning of the saved data position (batches of batch_size, in the order seed gives).
-SAME_RUN_FLAGS = ("model", "img_size", "patch_size", "decoder_depth", "mask_ratio", "kept_mask_ratio",
-                  "norm_pix_loss", "batch_size", "accum_iter", "seed")
+# Flags a resumed run must share with the run that wrote the checkpoint (besides the model config): they
+# fix the meaning of the saved data position (batches of batch_size, in the order seed gives) or the
+# optimisation recipe; another value would make it another experiment.
+EXPERIMENT_FLAGS = ("batch_size", "accum_iter", "seed", "blr", "lr", "min_lr", "weight_decay", "warmup_epochs",
+                    "epochs")
+# Flags that only shape the model (compared through the config) or that a resume is expected to change.
+MODEL_FLAGS = ("model", "img_size", "patch_size", "decoder_depth", "mask_ratio", "kept_mask_ratio", "norm_pix_loss",
+               "backend")
+NOT_COMPARED = ("resume", "max_steps", "data_root", "init_encoder")  # init_encoder: unused on resume
+# Model config fields that change the implementation, not the function it computes: a warning only.
+CONFIG_IMPLEMENTATION = ("backend",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default="output/pretrain")
     r.add_argument("--resume", default=None, help=f"checkpoint to resume from (default: <output_dir>/{LAST})")
+    r.add_argument("--init_encoder", default=None,
+                   help="start the encoder from these weights: timm ViT (.safetensors or .pth, e.g. from "
+                        "train.export) or a pre-training checkpoint; ignored when the run resumes")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     r.add_argument("--save_every", type=int, default=500, help="write checkpoint-last every N steps (and per epoch)")
@@ -99,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ModelConfig:
     """Reject impossible flags before any work; returns the validated model config."""
     minimum = {"batch_size": 1, "accum_iter": 1, "epochs": 1, "log_every": 1, "num_workers": 0,
                "save_every": 0, "keep_every": 0, "recon_every": 0}
@@ -120,17 +147,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        p.error(f"--output_dir {args.output_dir} is a file, not a folder: choose another path")
+    if args.init_encoder is not None and not Path(args.init_encoder).is_file():
+        p.error(f"--init_encoder {args.init_encoder}: no such file")
     if args.resume is not None:
         if not Path(args.resume).is_file():
             p.error(f"--resume {args.resume}: no such file")
-        last = Path(args.output_dir) / LAST
-        if last.exists() and not last.samefile(args.resume):
+        last = out / LAST
+        # A kept checkpoint of this very run (same folder) may be resumed: that rewinds the run.
+        own = out.is_dir() and Path(args.resume).resolve().parent.samefile(out)
+        if last.exists() and not own and not last.samefile(args.resume):
             p.error(f"--output_dir {args.output_dir} already holds {LAST} of another run, which resuming from "
                     f"{args.resume} would overwrite: choose another --output_dir (or drop --resume to continue it)")
+    if args.model in list_models():
+        base = get_config(args.model)
+        img, patch = args.img_size or base.img_size, args.patch_size or base.patch_size
+        if img % patch == 0 and (img // patch) ** 2 < 4:
+            p.error(f"--img_size {img} with patch size {patch} gives {(img // patch) ** 2} patch(es); masking needs "
+                    f"at least 4 (some visible, some predicted): use --img_size >= {2 * patch}")
     try:
         cfg = get_config(args.model, **model_overrides(args))
     except ValueError as e:
         p.error(str(e))
+    if args.data_backend != "synthetic" and str(args.data_path) == "synthetic":
+        if args.data_backend != "auto":
+            p.error(f"--data_path synthetic needs --data_backend synthetic (or auto), got --data_backend "
+                    f"{args.data_backend}, which reads image files")
+        args.data_backend = "synthetic"
     if args.data_backend != "synthetic":
         try:
             args.data_root = str(resolve_data_path(args.data_path))
@@ -139,6 +184,37 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     else:
         args.data_root = None
     return cfg
+
+
+def open_output_dir(output_dir: str | Path) -> RunLock:
+    """Create (or check) the run folder and take its lock, before any work: a path that is a file, a
+    folder that cannot be created or written, or a folder another live run holds raises ValueError
+    with the reason and the fix. Removes the temporary files a killed run's save left behind."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise ValueError(f"--output_dir {out}: {e.filename} is a file, not a folder: choose another path") from e
+    except OSError as e:
+        raise ValueError(f"--output_dir {out} cannot be created ({e.strerror}): choose a writable place") from e
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunLockedError as e:
+        raise ValueError(str(e)) from e
+    except OSError as e:  # read-only, permission denied, full disk: the lock file is the write probe
+        raise ValueError(f"--output_dir {out} is not writable ({e.strerror}): choose another folder or free "
+                         "space") from e
+    removed = remove_stale_temporaries(out)
+    if removed:
+        logger.warning("removed %d temporary file(s) of an interrupted checkpoint write: %s", len(removed),
+                       ", ".join(p.name for p in removed))
+    return lock
+
+
+def config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The model config as plain values (tuples as lists, as a checkpoint gives them back)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,7 +258,10 @@ def noise_seed(seed: int, rank: int, step: int, micro: int, accum: int) -> int:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace, cfg, dist_info: distributed.DistInfo):
+    """The pre-training loop and its state. ``state_dict()`` / ``load_state_dict()`` are the one pair
+    that builds and reads a checkpoint; ``save()`` is the one way it is written."""
+
+    def __init__(self, args: argparse.Namespace, cfg: ModelConfig, dist_info: distributed.DistInfo):
         self.args, self.cfg, self.dist = args, cfg, dist_info
         self.device = dist_info.device
         self.out = Path(args.output_dir)
@@ -201,7 +280,9 @@ class Trainer:
         self.vis_batch = self._vis_batch() if dist_info.is_main else None
 
         torch.manual_seed(args.seed + dist_info.rank)
-        self.model = create_model(args.model, **model_overrides(args)).to(self.device)
+        self.model = (CrossMAE(cfg) if cfg.family == "crossmae" else MAE(cfg)).to(self.device)
+        if args.init_encoder:
+            self._init_encoder(args.init_encoder)
         self.eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
         self.lr = args.lr if args.lr is not None else scaled_lr(args.blr, self.eff_batch, cfg.mask_ratio,
                                                                 cfg.kept_mask_ratio)
@@ -209,6 +290,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.saved_step = None  # the step checkpoint-last.pth holds, so that one step is never written twice
+        self.last_good: tuple[Path, int] | None = None  # (file, step) a stopped run can be resumed from
         self.total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
@@ -234,46 +316,103 @@ class Trainer:
                            backend=self.args.data_backend, device=self.device, num_workers=0)
         picks = [(i * len(vis)) // VIS_IMAGES for i in range(min(VIS_IMAGES, len(vis)))]
         imgs = []
-        for index in picks:
-            vis.set_epoch(0, start_batch=index)
-            imgs.append(next(iter(vis))[0])
+        for first in picks:
+            # A file that fails to decode despite the scan is passed over for the next one: a picture
+            # is no reason to stop a run.
+            for index in range(first, min(first + 4, len(vis))):
+                vis.set_epoch(0, start_batch=index)
+                try:
+                    imgs.append(next(iter(vis))[0])
+                    break
+                except RuntimeError as e:
+                    logger.warning("reconstruction grid: skipping %s (%s)", vis.files[vis.batch_indices(0)[index][0]],
+                                   str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__)
+        if not imgs:
+            return None
         imgs = torch.cat(imgs)
         g = torch.Generator().manual_seed(self.args.seed)
         return imgs, torch.rand(imgs.shape[0], self.cfg.num_patches, generator=g).to(self.device)
 
-    def _resume(self) -> None:
-        path = Path(self.args.resume) if self.args.resume else self.out / LAST
-        if self.args.resume is None and not path.exists():
+    def _init_encoder(self, path: str) -> None:
+        """A fresh run's encoder from timm-layout or pre-training weights, every key checked; a resumed run
+        continues from its own checkpoint instead."""
+        if self.args.resume is not None or (self.out / LAST).exists():
+            logger.info("--init_encoder %s not used: the run resumes from its checkpoint", path)
             return
-        ckpt = load_training_checkpoint(path)
-        changed = [f"--{k} {ckpt['args'].get(k)!r} -> {getattr(self.args, k)!r}" for k in SAME_RUN_FLAGS
-                   if ckpt["args"].get(k) != getattr(self.args, k)]
-        if ckpt.get("world_size", 1) != self.dist.world_size:
-            changed.append(f"processes {ckpt.get('world_size', 1)} -> {self.dist.world_size}")
-        if changed:
-            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
-                             "would not continue that run; repeat its flags, or use another --output_dir")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        states = ckpt.get("rng", [])
-        if len(states) == self.dist.world_size:
-            set_rng_state(states[self.dist.rank])
+        try:
+            unused = load_encoder_weights(self.model, path)
+        except KeyError as e:  # KeyError's str() quotes the message; the run reports ValueErrors cleanly
+            raise ValueError(f"--init_encoder {path}: {e.args[0]}") from e
+        except ValueError as e:
+            raise ValueError(f"--init_encoder {path}: {e}") from e
+        logger.info("encoder initialised from %s (%d entries not used: %s)", path, len(unused), short_list(unused))
+
+    def _resume(self) -> None:
+        path, ckpt, last_unreadable = self._find_checkpoint()
+        if ckpt is None:
+            return
+        self.load_state_dict(ckpt, source=path)
+        last = self.out / LAST
+        if last.exists() and not last.samefile(path):
+            # The run continues from an older file; the next save would overwrite checkpoint-last.pth.
+            if self.dist.is_main:
+                aside = self._set_aside(last, "unreadable" if last_unreadable else "superseded")
+                logger.warning("%s kept as %s: the run continues from %s", last.name, aside.name, path)
+        self.saved_step = self.step if path == last else None
+        self.last_good = (path, self.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                     self.batch_in_epoch)
 
-    # -- checkpoints and pictures --------------------------------------------------------------------
+    def _find_checkpoint(self) -> tuple[Path, dict | None, bool]:
+        """(file, checkpoint or None, whether checkpoint-last.pth is unreadable) to resume from:
+        --resume, else checkpoint-last.pth, else (unreadable or gone) the newest kept
+        checkpoint-<epoch>.pth of the folder, with a warning naming both."""
+        last = self.out / LAST
+        if self.args.resume is not None:
+            return Path(self.args.resume), load_training_checkpoint(self.args.resume), False
+        kept = sorted(self.out.glob("checkpoint-[0-9]*.pth"), reverse=True)
+        if not last.exists() and not kept:
+            return last, None, False
+        problem = None
+        if last.exists():
+            try:
+                return last, load_training_checkpoint(last), False
+            except ValueError as e:
+                problem = e
+        for path in kept:
+            try:
+                ckpt = load_training_checkpoint(path)
+            except ValueError as e:
+                logger.warning("%s", e)
+                continue
+            if problem is not None:
+                logger.warning("%s is unreadable (%s); resuming from %s (step %d) instead", last, problem, path,
+                               ckpt["step"])
+            else:
+                logger.warning("%s is missing; resuming from %s (step %d), the newest kept checkpoint", last,
+                               path, ckpt["step"])
+            return path, ckpt, problem is not None
+        if problem is not None:
+            raise ValueError(f"{problem}; no kept checkpoint-<epoch>.pth in {self.out} to fall back to: move "
+                             f"{LAST} away to start the run over, or --resume a good copy")
+        return last, None, False
 
-    def save(self, keep: bool = False) -> None:
-        if self.saved_step == self.step and not keep:
-            return
-        self.saved_step = self.step
-        rngs = distributed.all_gather_objects(rng_state())
-        if not self.dist.is_main:
-            return
-        state = {
+    @staticmethod
+    def _set_aside(path: Path, why: str) -> Path:
+        """Rename ``path`` out of the way without deleting anything: ``<name>.<why>[.k]``."""
+        aside = path.with_name(f"{path.name}.{why}")
+        k = 1
+        while aside.exists():
+            aside, k = path.with_name(f"{path.name}.{why}.{k}"), k + 1
+        path.rename(aside)
+        return aside
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values. Collective under DDP (it
+        gathers every rank's RNG state): all ranks call it."""
+        return {
             "format": FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -282,13 +421,90 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size,
-            "rng": rngs,
+            "rng": distributed.all_gather_objects(rng_state()),
             "args": dict(vars(self.args)),
-            "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.cfg).items()},
+            "model_config": config_dict(self.cfg),
+            "data": {"num_images": self.loader.num_images, "backend": self.loader.backend},
         }
+
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+        """Continue the run ``state`` describes. Raises ValueError (nothing loaded) if it was written by
+        another experiment (model config, batch, seed, optimisation recipe, number of processes); logs
+        a warning for every other changed setting."""
+        refused, warned = self.compare(state)
+        if refused:
+            raise ValueError(f"{source} was written by a run with other settings ({', '.join(refused)}): resuming "
+                             "would not continue that run; repeat its flags, or use another --output_dir")
+        if warned:
+            logger.warning("resuming %s with changed settings: %s", source, ", ".join(warned))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        states = state.get("rng", [])
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+
+    def compare(self, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(differences that make another experiment, differences only worth a warning) between the
+        run that wrote ``state`` and this one, each as "name old -> new"."""
+        refused, warned = [], []
+        saved_cfg, cfg = state.get("model_config") or {}, config_dict(self.cfg)
+        for key in sorted(set(saved_cfg) | set(cfg)):
+            if saved_cfg.get(key) != cfg.get(key):
+                change = f"model {key} {saved_cfg.get(key)!r} -> {cfg.get(key)!r}"
+                (warned if key in CONFIG_IMPLEMENTATION else refused).append(change)
+        if state.get("world_size", 1) != self.dist.world_size:
+            refused.append(f"processes {state.get('world_size', 1)} -> {self.dist.world_size}")
+        saved_args, args = state["args"], vars(self.args)
+        for key in EXPERIMENT_FLAGS:
+            if saved_args.get(key) == args.get(key):
+                continue
+            if key == "blr" and saved_args.get("lr") is not None and args.get("lr") is not None:
+                warned.append(f"--blr {saved_args.get(key)!r} -> {args.get(key)!r} (no effect: --lr is given)")
+            else:
+                refused.append(f"--{key} {saved_args.get(key)!r} -> {args.get(key)!r}")
+        for key in sorted(set(saved_args) | set(args)):
+            if key in EXPERIMENT_FLAGS or key in MODEL_FLAGS or key in NOT_COMPARED:
+                continue
+            if saved_args.get(key) != args.get(key):
+                warned.append(f"--{key} {saved_args.get(key)!r} -> {args.get(key)!r}")
+        saved_images = state.get("data", {}).get("num_images")
+        if saved_images is not None and saved_images != self.loader.num_images:
+            warned.append(f"images {saved_images} -> {self.loader.num_images} (the data order differs from the "
+                          "run's so far)")
+        return refused, warned
+
+    # -- checkpoints and pictures --------------------------------------------------------------------
+
+    def save(self, keep: bool = False) -> None:
+        """Write checkpoint-last.pth (and checkpoint-<epoch>.pth when ``keep``), from rank 0. Collective.
+        Raises CheckpointWriteError when the folder cannot take it; the previous files stay intact."""
+        if self.saved_step == self.step and not keep:
+            return
+        state = self.state_dict()
+        if not self.dist.is_main:
+            self.saved_step = self.step
+            self.last_good = (self.out / LAST, self.step)
+            return
         save_atomic(state, self.out / LAST)
+        self.saved_step = self.step
+        self.last_good = (self.out / LAST, self.step)
         if keep:
             save_atomic(state, self.out / f"checkpoint-{self.epoch:04d}.pth")
+
+    def checkpoint_note(self) -> str:
+        """Where the run can be resumed from, for messages at a stop."""
+        if self.last_good is None:
+            return "no checkpoint has been written yet"
+        path, step = self.last_good
+        return f"the last good checkpoint is {path} (step {step})"
+
+    def close(self) -> None:
+        """Drop the DDP wrapper, which holds the process group, so that ``distributed.shutdown`` really
+        ends the group (its threads) before the interpreter exits."""
+        self.net = self.ddp = None
 
     def reconstruction(self, name: str) -> None:
         if self.vis_batch is not None:
@@ -340,7 +556,7 @@ class Trainer:
         if self.step >= self.total_steps:
             logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
             return 0
-        log = MetricsLog(self.out, is_main, args.tensorboard)
+        log = MetricsLog(self.out, is_main, args.tensorboard, resume_step=self.step)
         bar = ProgressBar(self.total_steps, self.step, is_main)
         try:
             with StopRequest() as stop:
@@ -428,8 +644,7 @@ class Trainer:
         seen = distributed.mean_across_ranks((bad_step >= 0).float()).item() > 0
         if seen:
             where = f"step {int(bad_step.item()) + 1}" if bad_step.item() >= 0 else "another process's step"
-            logger.error("non-finite loss at %s: stopping without saving; the last good checkpoint is %s",
-                         where, self.out / LAST)
+            logger.error("non-finite loss at %s: stopping without saving; %s", where, self.checkpoint_note())
         return seen
 
     def _log(self, log: MetricsLog, bar: ProgressBar, loss_sum, bad_step, window: Window) -> bool:
@@ -471,21 +686,47 @@ class Window:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = check_args(parser, args)
-    dist_info = distributed.init_distributed(args.device)
-    setup_logging(dist_info.is_main)
+    """The command line; returns the exit status: 0 done, 1 stopped by a fault (non-finite loss, a failed
+    write), 2 refused (flags, folder, checkpoint), 130 interrupted."""
+    trainer = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        cfg = check_args(parser, args)
+        is_main = int(os.environ.get("RANK", 0)) == 0
+        setup_logging(is_main)
+        lock, clean = None, False
         try:
-            trainer = Trainer(args, cfg, dist_info)
-        except (FileNotFoundError, ValueError) as e:
-            logger.error("%s", e)
-            return 2
-        return trainer.run()
-    finally:
-        distributed.shutdown()
+            try:
+                lock = open_output_dir(args.output_dir) if is_main else None
+                dist_info = distributed.init_distributed(args.device)
+                trainer = Trainer(args, cfg, dist_info)
+            except (FileNotFoundError, ValueError) as e:
+                logger.error("%s", e)
+                return 2
+            status = trainer.run()
+            clean = True  # every rank ends here together
+            return status
+        except OSError as e:  # a full disk or a folder gone read-only mid-run; CheckpointWriteError says more
+            logger.error("%s", e if isinstance(e, CheckpointWriteError) else
+                         f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); "
+                         f"{trainer.checkpoint_note() if trainer else 'nothing was saved'}")
+            return 1
+        finally:
+            if trainer is not None:
+                trainer.close()
+            distributed.shutdown(sync=clean)
+            if lock is not None:
+                lock.release()
+    except KeyboardInterrupt:
+        # Ctrl-C before the loop's handler is installed (start-up), or a second Ctrl-C inside it.
+        if trainer is None:
+            print("interrupted during start-up; nothing was saved", file=sys.stderr)
+        else:
+            print(f"interrupted: the step in progress is not saved; {trainer.checkpoint_note()}; run the same "
+                  "command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

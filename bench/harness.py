@@ -1,45 +1,37 @@
-"""What every benchmark under bench/ shares: machine facts, a GPU timer, the training-step harness, writers.
+"""The timing harness of bench/: GPU timers, the training-step measurement, and a time budget.
 
-* ``machine_facts()``: card, driver, CUDA, torch / triton / Python versions, CPU, git commit, the exact
-  command line and the time, to be written next to every number.
 * ``time_steps(fn, steps, device)`` / ``bench_fn(fn, warmup, steps, device)``: per-call times from CUDA
   events recorded around each call with a single synchronisation at the end (``triton.testing.do_bench``
   style, minus the L2 flush, which is irrelevant for a whole training step); wall clock on the CPU.
+* ``kernel_ms(fn, full)``: one kernel call's median time, ``triton.testing.do_bench`` on the GPU (full runs),
+  one wall-clock call after a warm-up in smoke checks.
 * ``measure_train_step(StepSpec(...), device)``: one full pre-training step (forward, backward, fused AdamW;
   bf16 autocast; synthetic images already on the device; masking noise drawn on the device), warmed up,
   timed, with peak memory and FLOP counts from ``model.flops_per_image``. Results are cached for the pytest
   session, so a configuration measured by one benchmark file is not measured again by another.
-* ``write_results`` / ``markdown_table`` / ``bar_chart_png``: JSON + Markdown (+ PNG) under bench/results/ as
-  ``<kind>_<gpu>_<date>.{json,md}`` and ``<kind>_latest.{json,md}``. The chart uses matplotlib when it
-  imports and draws its bars with Pillow otherwise (matplotlib is never required).
+  Failures are never hidden: only a triton backend that is *unavailable* here (``triton_unavailable_reason``)
+  is recorded as "n/a"; any other exception, of either backend, is recorded as "error" with its message and the
+  benchmark fails after writing its results.
+* ``TimeBudget``: run configurations in priority order, skipping the ones that would overrun.
 
 Environment knobs read by the full (--benchmark) runs, all optional: BENCH_BATCH, BENCH_WARMUP, BENCH_STEPS,
 BENCH_COMPILE_MODE (``step_settings``), BENCH_VARIANTS (``bench_variants``), BENCH_SIZES, BENCH_TABLE5_BUDGET_S
-(bench/test_table5.py), BENCH_TRAIN_STEP_BUDGET_S (bench/test_train_step.py); bench/gpu_all.sh sets the budgets.
+(bench/test_table5.py), BENCH_TRAIN_STEP_BUDGET_S (bench/test_train_step.py); bench/gpu_all.sh sets them from
+its own budget.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import math
 import os
-import platform
-import re
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 IMAGENET_TRAIN_IMAGES = 1_281_167
 VARIANTS = ("torch", "triton", "triton+compile", "torch+compile")
 DEFAULT_VARIANTS = ("torch", "triton", "triton+compile")
@@ -83,109 +75,6 @@ def env_list(name: str, default: Sequence[str], allowed: Sequence[str] | None = 
         if bad:
             raise ValueError(f"{name}: unknown value(s) {bad}; allowed: {', '.join(allowed)}")
     return items
-
-
-# ------------------------------------------------------------------------------------------------------------
-# machine facts
-# ------------------------------------------------------------------------------------------------------------
-
-
-def command_line() -> str:
-    """The command as typed: ``pytest bench/... --benchmark`` or ``python -m pytest ...``."""
-    argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 in ("pytest", "py.test"):
-        return "pytest " + shlex.join(sys.argv[1:])
-    if argv0 == "__main__.py" and "pytest" in sys.argv[0]:
-        return "python -m pytest " + shlex.join(sys.argv[1:])
-    return shlex.join(sys.argv)
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken: either way no version to report
-        return None
-
-
-def machine_facts() -> dict:
-    """Everything a number needs beside it. Call it before the measurements (the load average then says
-    whether something else was using the CPU)."""
-    cuda = torch.cuda.is_available()
-    now = datetime.now(timezone.utc)
-    commit = _run(["git", "rev-parse", "--short=12", "HEAD"])
-    if commit is not None and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "+dirty"
-    facts = {
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "gpu_memory_gib": None, "sm_count": None, "compute_capability": None,
-        "driver": None,
-        "cuda_runtime": torch.version.cuda,
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count() or 1,
-        "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-        "numpy": _version("numpy"), "pillow": _version("PIL"), "platform": platform.platform(),
-        "git_commit": commit,
-        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "command": command_line(),
-        "argv": list(sys.argv),
-        "cwd": os.getcwd(),
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "timestamp": now.isoformat(timespec="seconds"),
-        "date_tag": now.strftime("%Y%m%d-%H%M"),
-    }
-    if cuda:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        facts["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        facts["sm_count"] = props.multi_processor_count
-        facts["compute_capability"] = f"{props.major}.{props.minor}"
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        facts["driver"] = smi.splitlines()[0].strip() if smi else None
-        if facts["driver"] is None:
-            try:  # the CUDA driver API version (e.g. 12080), when nvidia-smi is missing
-                facts["driver"] = f"CUDA driver API {torch._C._cuda_getDriverVersion()}"
-            except Exception:
-                pass
-    return facts
-
-
-def gpu_slug(facts: dict) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'; 'cpu' without a GPU."""
-    return re.sub(r"[^a-z0-9]+", "_", (facts.get("gpu") or "cpu").lower()).strip("_")
-
-
-def facts_markdown(facts: dict) -> list[str]:
-    """The lines under a results title: date, card, versions, commit, command."""
-    gpu = "none (CPU)" if not facts.get("gpu") else (
-        f"{facts['gpu']} ({facts['gpu_memory_gib']} GiB, {facts['sm_count']} SMs, sm_{facts['compute_capability']})"
-        + (f" x{facts['gpu_count']}" if facts.get("gpu_count", 1) > 1 else ""))
-    load = facts.get("load_average_1_5_15_min")
-    return [
-        f"{facts['date']} · GPU: {gpu} · driver {facts.get('driver') or '—'} · CUDA {facts.get('cuda_runtime') or '—'}"
-        f" · torch {facts['torch']} · triton {facts.get('triton') or 'not installed'} · Python {facts['python']}",
-        "",
-        f"CPU: {facts['cpu']} ({facts['cpu_count']} cores)"
-        + (f", load average before the run {' / '.join(map(str, load))} (1/5/15 min)" if load else "")
-        + f" · commit {facts.get('git_commit') or 'unknown'}",
-        "",
-        f"Command: `{facts['command']}`",
-    ]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -253,6 +142,31 @@ def bench_fn(fn: Callable[[], Any], warmup: int = 3, steps: int = 10, device: to
         fn()
     timing, _ = time_steps(lambda _i: fn(), steps, device)
     return timing
+
+
+def kernel_ms(fn: Callable[[], Any], full: bool, grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (25 ms warm-up, 100 ms of repetitions, L2
+    flushed between calls) in full runs on the GPU; the wall time of one call after one warm-up call in smoke
+    checks (which show the code runs, not how fast)."""
+    if full:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def try_kernel_ms(fn: Callable[[], Any], full: bool,
+                  grad_to_none: Sequence[torch.Tensor] | None = None) -> tuple[float | None, str | None]:
+    """``(kernel_ms(...), None)``, or ``(None, the error)`` when ``fn`` raises: a reference implementation that
+    does not support a shape, dtype or device is a result to print, not a crash. Callers assert that their own
+    kernels have a time."""
+    try:
+        return kernel_ms(fn, full, grad_to_none), None
+    except Exception as exc:
+        return None, short_error(exc, 160)
 
 
 def free_memory(device: torch.device | None = None) -> None:
@@ -338,10 +252,11 @@ def already_measured(spec: StepSpec, device: torch.device) -> bool:
 def measure_train_step(spec: StepSpec, device: torch.device, use_cache: bool = True) -> dict:
     """Measure one configuration; never raises for OOM, an unavailable triton backend or a failing kernel.
 
-    Returns a record: ``status`` 'ok' | 'oom' | 'n/a' (triton backend unavailable or failing, or the CUDA context
-    broken by an earlier failure) | 'error' (the torch reference failed: a real bug), ``reason``, the spec, and for
-    'ok' the step time, images/s, minutes per ImageNet-1K epoch, peak memory, FLOPs and TFLOP/s. Cached per pytest
-    session by (spec, device).
+    Returns a record: ``status`` 'ok' | 'oom' | 'n/a' (the triton backend is unavailable here, and only that) |
+    'error' (any other exception, of either backend: a real bug, never hidden) | 'skipped' (not run: the CUDA
+    context was left unusable by an earlier error, which is recorded against the configuration that raised it),
+    ``reason``, the spec, and for 'ok' the step time, images/s, minutes per ImageNet-1K epoch, peak memory, FLOPs
+    and TFLOP/s. Cached per pytest session by (spec, device).
     """
     key = (spec, str(device))
     if use_cache and key in _SESSION_CACHE:
@@ -354,7 +269,7 @@ def measure_train_step(spec: StepSpec, device: torch.device, use_cache: bool = T
                               "oom_at_batch_sizes": [], "status": None, "reason": None}
     started = time.perf_counter()
     if _CUDA_BROKEN and device.type == "cuda":
-        record.update(status="n/a", reason=f"not run: the CUDA context is unusable since {_CUDA_BROKEN[0]}")
+        record.update(status="skipped", reason=f"not run: the CUDA context is unusable since {_CUDA_BROKEN[0]}")
     elif spec.backend == "triton" and (reason := triton_unavailable_reason()) is not None:
         record.update(status="n/a", reason=reason)
     batch = spec.batch_size
@@ -373,7 +288,7 @@ def measure_train_step(spec: StepSpec, device: torch.device, use_cache: bool = T
                 record["oom_at_batch_sizes"].append(batch)
                 failure = ("oom", f"out of memory at batch sizes {record['oom_at_batch_sizes']}: {short_error(exc)}")
             else:
-                failure = ("n/a" if spec.backend == "triton" else "error", short_error(exc))
+                failure = ("error", short_error(exc))
                 if device.type == "cuda" and any(s in str(exc).lower() for s in _STICKY_CUDA_ERRORS):
                     _CUDA_BROKEN.append(f"{spec.model} {spec.variant}: {short_error(exc, 160)}")
         torch.set_num_threads(threads)
@@ -532,74 +447,6 @@ class TimeBudget:
         self.spent[kind] = max(self.spent.get(kind, 0.0), seconds)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# formatting and writing
-# ------------------------------------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:,.{digits}f}{suffix}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-    return lines
-
-
-def to_json(obj: Any) -> str:
-    def default(o):
-        if isinstance(o, Path):
-            return str(o)
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-        return repr(o)
-
-    return json.dumps(obj, indent=1, default=default) + "\n"
-
-
-@dataclass
-class ResultFiles:
-    json: Path
-    markdown: Path
-    latest_json: Path
-    latest_markdown: Path
-    extra: list[Path] = field(default_factory=list)
-
-
-def result_stem(kind: str, facts: dict) -> str:
-    return f"{kind}_{gpu_slug(facts)}_{facts['date_tag']}"
-
-
-def write_results(results_dir: Path, kind: str, facts: dict, payload: dict, markdown: Sequence[str]) -> ResultFiles:
-    """``<kind>_<gpu>_<date>.{json,md}`` and ``<kind>_latest.{json,md}`` in ``results_dir``; ``payload`` gets
-    the machine facts under "machine". Written atomically (a run killed mid-write leaves the old file)."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(kind, facts)
-    text_json = to_json({"kind": kind, "machine": facts, **payload})
-    text_md = "\n".join(markdown).rstrip("\n") + "\n"
-    files = ResultFiles(results_dir / f"{stem}.json", results_dir / f"{stem}.md",
-                        results_dir / f"{kind}_latest.json", results_dir / f"{kind}_latest.md")
-    for path, text in ((files.json, text_json), (files.markdown, text_md), (files.latest_json, text_json),
-                       (files.latest_markdown, text_md)):
-        _write_atomic(path, text.encode())
-    return files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def one_line(r: dict) -> str:
     """A measured record as a progress line."""
     if r["status"] != "ok":
@@ -610,118 +457,4 @@ def one_line(r: dict) -> str:
         f"  first step {r['first_step_s']:.1f} s, {r['seconds_spent']:.0f} s in all")
     return f"{r['step_ms']:9.2f} ms {r['images_per_s']:9.0f} img/s{memory}{mfu}{where}"
 
-
-def verdict(passed: bool | None) -> str:
-    """A goal's cell: PASS / FAIL, or '—' when a number it needs was not measured. Goals are reported, never
-    asserted."""
-    return "—" if passed is None else ("PASS" if passed else "FAIL")
-
-
-def status_cell(record: dict | None) -> str:
-    """What a table shows instead of numbers for a configuration that was not measured ('' when measured)."""
-    if record is None:
-        return "not run"
-    return {"ok": "", "oom": "OOM", "n/a": "n/a", "error": "ERROR", "skipped": "skipped"}.get(record["status"],
-                                                                                           record["status"])
-
-
-# ------------------------------------------------------------------------------------------------------------
-# bar charts
-# ------------------------------------------------------------------------------------------------------------
-
-PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
-
-
-def bar_chart_png(path: Path, title: str, categories: Sequence[str],
-                  panels: Sequence[tuple[str, dict[str, Sequence[float | None]]]]) -> str:
-    """Grouped bars: one panel per (y label, {series: one value per category}); None draws no bar.
-    Returns the renderer used ('matplotlib' or 'pillow')."""
-    path = Path(path)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        _bar_chart_pillow(path, title, categories, panels)
-        return "pillow"
-    n = len(categories)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.9 * n + 3), 3.6 * len(panels)), squeeze=False)
-    for ax, (ylabel, series) in zip(axes[:, 0], panels, strict=True):
-        width = 0.8 / max(len(series), 1)
-        for s, (name, values) in enumerate(series.items()):
-            xs = [c + (s - (len(series) - 1) / 2) * width for c in range(n)]
-            heights = [v if v is not None else 0.0 for v in values]
-            ax.bar(xs, heights, width, label=name, color=PALETTE[s % len(PALETTE)])
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(range(n))
-        ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0, 0].set_title(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return "matplotlib"
-
-
-def _ascii(text: str) -> str:
-    """Pillow's built-in font has no Greek: γ 0.25 -> g0.25."""
-    return text.replace("γ", "g").replace("×", "x").replace("÷", "/")
-
-
-def _bar_chart_pillow(path: Path, title: str, categories: Sequence[str],
-                      panels: Sequence[tuple[str, dict[str, Sequence[float | None]]]]) -> None:
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    n = max(len(categories), 1)
-    group_w, left, right, top, legend_h, panel_h, label_h = 110, 80, 30, 34, 22, 250, 100
-    width = left + right + group_w * n
-    height = top + len(panels) * (legend_h + panel_h + label_h)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 10), _ascii(title), fill="black", font=font)
-    for p, (ylabel, series) in enumerate(panels):
-        y_legend = top + p * (legend_h + panel_h + label_h)
-        y0 = y_legend + legend_h  # top of the plotting area
-        base = y0 + panel_h
-        draw.text((4, y_legend + 2), _ascii(ylabel), fill="black", font=font)
-        values = [v for vals in series.values() for v in vals if v is not None and math.isfinite(v)]
-        vmax = max(values, default=0.0)
-        draw.line([(left, y0), (left, base), (width - right, base)], fill="black")
-        if vmax <= 0:
-            draw.text((left + 20, y0 + panel_h // 2), "no data", fill="gray", font=font)
-            vmax = 1.0
-        for k in range(5):  # y grid and tick labels
-            y = base - (panel_h - 10) * k / 4
-            draw.line([(left - 4, y), (width - right, y)], fill="#dddddd" if k else "black")
-            draw.text((4, y - 6), f"{vmax * k / 4:,.3g}", fill="black", font=font)
-        bar_w = (group_w - 20) / max(len(series), 1)
-        for s, (name, vals) in enumerate(series.items()):
-            color = PALETTE[s % len(PALETTE)]
-            lx = left + 120 + s * 150
-            draw.rectangle([lx, y_legend + 4, lx + 10, y_legend + 14], fill=color)
-            draw.text((lx + 14, y_legend + 3), _ascii(name), fill="black", font=font)
-            for c, v in enumerate(vals):
-                if v is None or not math.isfinite(v) or v <= 0:
-                    continue
-                x = left + c * group_w + 10 + s * bar_w
-                draw.rectangle([x, base - (panel_h - 10) * v / vmax, x + bar_w - 2, base], fill=color)
-        for c, name in enumerate(categories):  # category labels, wrapped on spaces
-            lines, line = [], ""
-            for w in _ascii(name).split():
-                if line and len(line) + 1 + len(w) > 17:
-                    lines.append(line)
-                    line = w
-                else:
-                    line = f"{line} {w}".strip()
-            lines.append(line)
-            for j, text in enumerate(lines[:6]):
-                draw.text((left + c * group_w + 6, base + 6 + 13 * j), text, fill="black", font=font)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
 

@@ -1,0 +1,437 @@
+"""train.pretrain under faults (issue #11): bad files, shared folders, full or read-only disks, kills
+mid-write, corrupt checkpoints, interrupts. Real processes and signals where the fault involves them."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import read_checkpoint
+from train import pretrain
+from train.checkpoint import LAST, LOCK, load_training_checkpoint, save_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+# 64 small images, 16 per batch: 4 steps per epoch; 16-pixel crops of the tiny model (4 patches), one
+# decoder block. A step takes milliseconds; process start-up dominates.
+FLAGS = ["--img_size", "16", "--batch_size", "16", "--num_workers", "0", "--data_backend", "torch",
+         "--decoder_depth", "1", "--log_every", "1", "--lr", "1e-3", "--warmup_epochs", "0", "--epochs", "3",
+         "--recon_every", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images") / "d"
+    (root / "cls").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "cls" / f"{i:03d}.jpg", quality=80)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """A scan cache of the test's own (children inherit it through the environment)."""
+    monkeypatch.setenv("CROSSMAE_CACHE", str(tmp_path / "cache"))
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, prelude: str = "", **kwargs) -> subprocess.CompletedProcess:
+    """``python -m train.pretrain ARGS`` (``prelude``: code run first in the child, e.g. a patch)."""
+    return subprocess.run(child_command(args, prelude), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def child_command(args, prelude: str = "") -> list[str]:
+    if not prelude:
+        return [sys.executable, "-m", "train.pretrain", *args]
+    code = f"import sys\n{prelude}\nfrom train import pretrain\nsys.exit(pretrain.main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args]
+
+
+def popen(args, prelude: str = "", **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(child_command(args, prelude), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
+    """Read the child's output until a line holds `marker`; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no line with {marker!r} from the child:\n{''.join(seen)}")
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(result: subprocess.CompletedProcess, text: str) -> str:
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if text in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+# -- 1. a DALI decode failure in the first batch of a pass ---------------------------------------------
+
+def corrupt_keeping_stat(path: str) -> None:
+    """Random bytes of the same size and mtime: the scan cache still vouches for the file."""
+    st = os.stat(path)
+    Path(path).write_bytes(np.random.default_rng(1).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_dali_bad_file_in_the_first_batch_and_the_reconstruction_images_is_skipped(images, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    from train.data import build_loader
+
+    data = tmp_path / "d"
+    shutil.copytree(images, data)
+    train_kw = dict(batch_size=16, img_size=16, train=True, backend="dali", num_workers=1, seed=0)
+    vis_kw = dict(batch_size=1, img_size=16, train=False, backend="dali", num_workers=0)
+    loader = build_loader(data, **train_kw)  # scans (and caches) the folder while every file is good
+    first = loader.files[int(loader.plan.batch(0, 0)[0][0])]
+    vis = build_loader(data, **vis_kw)
+    vis_first = vis.files[int(vis.plan.batch(0, 0)[0][0])]
+    assert first != vis_first
+    corrupt_keeping_stat(first)
+    corrupt_keeping_stat(vis_first)
+
+    loader = build_loader(data, **train_kw)
+    assert sum(1 for _ in loader) == len(loader) == 4  # the first prefetch fails, inside the guard
+    assert first in loader.skipped
+
+    # The trainer: the fixed reconstruction images and the first batch, with both files bad.
+    status = pretrain.main(["--output_dir", str(tmp_path / "run"), "--data_path", str(data), "--max_steps", "2",
+                            *FLAGS, "--data_backend", "dali", "--num_workers", "1", "--recon_every", "1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "reconstruction grid: skipping" in out and vis_first in out
+    assert load_training_checkpoint(tmp_path / "run" / LAST)["step"] == 2
+
+
+# -- 2. two runs into one folder -----------------------------------------------------------------------
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_run_leaves_no_lock(images, tmp_path):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS, "--epochs", "1000"]
+    first = popen([*args, "--max_steps", "100000"])
+    try:
+        wait_for_line(first, "step 1/")
+        second = cli(*args, "--max_steps", "2")
+        assert second.returncode == 2
+        line = one_line_error(second, "in use by another run")
+        assert f"pid {first.pid} " in line and "choose another --output_dir" in line
+        assert "found 64 images" not in second.stdout  # refused before the data scan
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    again = cli(*args, "--max_steps", "2")  # the kernel dropped the dead run's lock
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"pid {first.pid} " not in (out / LOCK).read_text()
+
+
+# -- 3. full disk, unwritable folder, output path that is a file ---------------------------------------
+
+def _mount_tmpfs(where: Path, size_bytes: int, read_only: bool = False) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size_bytes}" + (",ro" if read_only else "")
+    if shutil.which("mount") is None:
+        return False
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True)
+    return result.returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(images, tmp_path):
+    """On a tmpfs sized for 1.5 checkpoints where the machine lets us mount one; elsewhere, the same
+    fault from a file-size limit (RLIMIT_FSIZE: writes beyond it fail with EFBIG)."""
+    src = tmp_path / "src"
+    common = ["--data_path", str(images), *FLAGS, "--save_every", "2"]
+    assert cli("--output_dir", str(src), "--max_steps", "2", *common).returncode == 0
+    size = (src / LAST).stat().st_size
+    mnt = tmp_path / "small_disk"
+    mounted = _mount_tmpfs(mnt, int(size * 1.5))
+    try:
+        out = mnt / "run" if mounted else tmp_path / "run"
+        shutil.copytree(src, out)
+        (out / LOCK).unlink(missing_ok=True)  # copied with the folder; no run holds it
+        before = (out / LAST).read_bytes()
+        limit = {}
+        if not mounted:
+            def limit_file_size():
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+                resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+            limit = {"preexec_fn": limit_file_size}
+        result = cli("--output_dir", str(out), "--max_steps", "4", *common, **limit)
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = one_line_error(result, "could not write checkpoint")
+        assert "the previous checkpoint-last.pth is intact" in line
+        assert ("No space left on device" in line) if mounted else ("File too large" in line)
+        assert (out / LAST).read_bytes() == before
+        assert load_training_checkpoint(out / LAST)["step"] == 2
+        assert not list(out.glob(".*.tmp"))
+    finally:
+        if mounted:
+            _umount(mnt)
+
+
+def test_an_unwritable_folder_or_a_file_as_output_dir_is_refused_before_any_work(images, tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main(["--output_dir", str(afile), "--data_path", str(images), *FLAGS])
+    assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert pretrain.main(["--output_dir", str(afile / "run"), "--data_path", str(images), *FLAGS]) == 2
+    out = capsys.readouterr().out
+    assert "cannot be created (Not a directory)" in out and "found 64 images" not in out
+
+    ro = tmp_path / "read_only"
+    if not _mount_tmpfs(ro, 1 << 20, read_only=True):
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the file cases above ran")
+    try:
+        result = cli("--output_dir", str(ro / "run"), "--data_path", str(images), *FLAGS)
+        assert result.returncode == 2
+        one_line_error(result, "cannot be created (Read-only file system)")
+        assert "found 64 images" not in result.stdout
+        result = cli("--output_dir", str(ro), "--data_path", str(images), *FLAGS)
+        assert result.returncode == 2
+        one_line_error(result, "is not writable (Read-only file system)")
+    finally:
+        _umount(ro)
+
+
+# -- 4. a zero-byte checkpoint ---------------------------------------------------------------------------
+
+def test_a_zero_byte_checkpoint_is_a_clear_error(images, tmp_path, capsys):
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(ValueError, match=r"empty\.pth: the file is empty \(0 bytes\)"):
+        read_checkpoint(empty)  # what --finetune and load_official read with
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LAST).touch()
+    assert pretrain.main(["--output_dir", str(out), "--data_path", str(images), *FLAGS]) == 2
+    assert "checkpoint-last.pth: the file is empty (0 bytes)" in capsys.readouterr().out
+    assert (out / LAST).stat().st_size == 0  # kept as it was
+
+
+# -- 5. temporary files of a save killed by SIGKILL ------------------------------------------------------
+
+HANG_IN_SECOND_SAVE = """
+import time, torch
+_real_save, _calls = torch.save, []
+def _save(obj, f, *args, **kwargs):
+    _calls.append(1)
+    if len(_calls) == 2:  # the second checkpoint: write a little, then hang until killed
+        f.write(b"half a checkpoint"); f.flush()
+        print("SAVING", flush=True)
+        time.sleep(600)
+    return _real_save(obj, f, *args, **kwargs)
+torch.save = _save
+"""
+
+
+def test_a_save_killed_midway_leaves_a_temporary_file_that_the_next_run_removes(images, tmp_path):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS, "--save_every", "2", "--max_steps", "6"]
+    proc = popen(args, prelude=HANG_IN_SECOND_SAVE)
+    wait_for_line(proc, "SAVING")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leaked = list(out.glob(".checkpoint-last.pth.*.tmp"))
+    assert len(leaked) == 1
+    assert load_training_checkpoint(out / LAST)["step"] == 2  # the newest complete one, loadable
+
+    result = cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "removed 1 temporary file(s) of an interrupted checkpoint write" in result.stdout
+    assert f"resumed from {out / LAST} at step 2" in result.stdout
+    assert not list(out.glob(".*.tmp"))
+
+
+# -- 6. metrics.jsonl after a resume ---------------------------------------------------------------------
+
+KILL_AFTER_LOGGING_STEP_5 = """
+import os, signal
+from train import monitor
+_write = monitor.MetricsLog.write
+def write(self, record):
+    _write(self, record)
+    if record["step"] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+monitor.MetricsLog.write = write
+"""
+
+
+def test_metrics_hold_each_step_once_after_a_resume(images, tmp_path):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS, "--save_every", "4", "--max_steps", "7"]
+    killed = cli(*args, prelude=KILL_AFTER_LOGGING_STEP_5)
+    assert killed.returncode == -signal.SIGKILL
+    assert steps_logged(out) == [1, 2, 3, 4, 5]
+    assert load_training_checkpoint(out / LAST)["step"] == 4  # step 5 was logged but never saved
+    first_step_5 = json.loads((out / "metrics.jsonl").read_text().splitlines()[4])
+
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6, 7]
+    superseded = [json.loads(line) for line in (out / "metrics.jsonl.superseded").read_text().splitlines()]
+    assert superseded == [first_step_5]  # kept aside, not lost
+    again_step_5 = json.loads((out / "metrics.jsonl").read_text().splitlines()[4])
+    assert again_step_5["loss"] == first_step_5["loss"]  # the step ran again, exactly
+
+
+# -- 7. a corrupt checkpoint-last.pth ------------------------------------------------------------------
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_kept_one(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS, "--keep_every", "1", "--batch_size", "32"]
+    assert pretrain.main([*args, "--max_steps", "5"]) == 0  # epochs of 2 steps: kept at steps 2 and 4
+    assert load_training_checkpoint(out / "checkpoint-0002.pth")["step"] == 4
+    data = (out / LAST).read_bytes()
+    (out / LAST).write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+
+    assert pretrain.main([*args, "--max_steps", "6"]) == 0
+    out_text = capsys.readouterr().out
+    warning = [line for line in out_text.splitlines() if "is unreadable" in line]
+    assert len(warning) == 1 and "checkpoint-last.pth" in warning[0] and "checkpoint-0002.pth (step 4)" in warning[0]
+    assert (out / f"{LAST}.unreadable").read_bytes() == data[: len(data) // 2]  # kept aside
+    assert load_training_checkpoint(out / LAST)["step"] == 6
+    assert steps_logged(out) == list(range(1, 7))
+
+    # The hint that works: resume a kept checkpoint of this run, into its own folder.
+    assert pretrain.main([*args, "--max_steps", "3", "--resume", str(out / "checkpoint-0001.pth")]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert load_training_checkpoint(out / LAST)["step"] == 3
+    assert load_training_checkpoint(out / f"{LAST}.superseded")["step"] == 6  # the rewound one, kept
+
+
+# -- 8. the small things ---------------------------------------------------------------------------------
+
+def test_data_path_synthetic_runs_on_synthetic_data(tmp_path, capsys):
+    args = ["--output_dir", str(tmp_path / "run"), *FLAGS, "--data_backend", "auto", "--max_steps", "1"]
+    assert pretrain.main([*args, "--data_path", "synthetic"]) == 0
+    assert "synthetic" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pretrain.main([*args, "--data_path", "synthetic", "--data_backend", "torch"])
+    err = capsys.readouterr().err
+    assert "--data_path synthetic needs --data_backend synthetic" in err and "'None'" not in err
+
+
+def test_non_finite_loss_before_any_checkpoint_names_none(images, tmp_path, monkeypatch, caplog):
+    original = pretrain.Trainer.forward_backward
+    monkeypatch.setattr(pretrain.Trainer, "forward_backward",
+                        lambda self, imgs, micro: original(self, imgs, micro) * float("nan"))
+    assert pretrain.main(["--output_dir", str(tmp_path / "run"), "--data_path", str(images), *FLAGS,
+                          "--max_steps", "3"]) == 1
+    assert "non-finite loss at step 1" in caplog.text
+    assert "no checkpoint has been written yet" in caplog.text and "last good checkpoint" not in caplog.text
+    assert not (tmp_path / "run" / LAST).exists()
+
+
+def test_resume_refuses_another_recipe_and_warns_about_other_changes(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), *FLAGS]
+    assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "2"]) == 0
+    before = (out / LAST).read_bytes()
+    capsys.readouterr()
+    assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "3", "--weight_decay", "0.1"]) == 2
+    assert "--weight_decay 0.05 -> 0.1" in capsys.readouterr().out
+    assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "3", "--lr", "2e-3"]) == 2
+    assert "--lr 0.001 -> 0.002" in capsys.readouterr().out
+    assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "3", "--decoder_depth", "2"]) == 2
+    assert "model decoder_depth 1 -> 2" in capsys.readouterr().out
+    assert (out / LAST).read_bytes() == before
+
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)
+    assert pretrain.main([*args, "--data_path", str(moved), "--max_steps", "3", "--blr", "1e-3"]) == 0
+    text = capsys.readouterr().out
+    assert "changed settings" in text and f"--data_path {str(images)!r} -> {str(moved)!r}" in text
+    assert "--blr 0.00015 -> 0.001 (no effect: --lr is given)" in text
+
+
+def test_ctrl_c_during_start_up_and_a_double_ctrl_c_end_without_a_traceback(images, tmp_path):
+    slow_start = ("import time\nfrom train import pretrain as _p\n_b = _p.build_loader\n"
+                  "def _slow(*a, **k):\n    print('BUILDING LOADER', flush=True)\n    time.sleep(60)\n"
+                  "    return _b(*a, **k)\n_p.build_loader = _slow")
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS]
+    proc = popen(args, prelude=slow_start)
+    wait_for_line(proc, "BUILDING LOADER")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output
+
+    # Long steps (16 micro-batches) so that both signals land inside one step.
+    proc = popen([*args, "--max_steps", "100000", "--epochs", "1000", "--accum_iter", "64", "--batch_size", "1",
+                  "--save_every", "2"])
+    wait_for_line(proc, "step 3/")
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "SIGINT received")  # the first was handled: the second interrupts at once
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    assert "interrupted: the step in progress is not saved" in output or "run the same command to resume" in output
+    assert load_training_checkpoint(out / LAST)["step"] >= 2
+
+
+def test_tiny_images_give_a_hint_that_works(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--output_dir", str(tmp_path / "run"), "--img_size", "8"])
+    err = capsys.readouterr().err
+    assert "--img_size 8 with patch size 8 gives 1 patch(es)" in err and "use --img_size >= 16" in err
+    assert "0.0000" not in err
+
+
+def test_a_truncated_checkpoint_message_ends_with_its_sentence(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"x": torch.zeros(1000)}, path)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10):  # the second: torch raises OSError (EINVAL), not RuntimeError
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated") as exc:
+            read_checkpoint(path)
+        assert str(exc.value).endswith(".)") or str(exc.value).endswith("Invalid argument)"), str(exc.value)
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pth")
+        assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        save_atomic({"x": torch.zeros(1)}, tmp_path / "b.pth")
+        assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
