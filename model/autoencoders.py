@@ -79,6 +79,10 @@ class MaskedEncoder(nn.Module):
                              f"got {tuple(noise.shape)}")
         return noise
 
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> ModelOutput:
+        """The training forward pass: loss, predictions, targets and ids (module docstring)."""
+        return self.ops.with_compute_weights(self, self.loss_forward, imgs, noise)
+
     # -- encoder ----------------------------------------------------------------------------------
 
     def embed_visible(self, imgs: torch.Tensor, visible_ids: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,7 @@ class CrossMAE(MaskedEncoder):
         _, y = self.ops.add_layer_norm(x, pending, self.decoder_norm)
         return self.decoder_pred(y)
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> ModelOutput:
+    def loss_forward(self, imgs: torch.Tensor, noise: torch.Tensor | None) -> ModelOutput:
         noise = self.check_inputs(imgs, noise)
         visible_ids, pred_ids = split_ids(noise, self.split)
         pred = self.decode(self.decoder_kv(imgs, visible_ids), pred_ids)
@@ -239,6 +243,8 @@ class FeatureMix(nn.Module):
     No softmax and no bias. ``linear.weight`` (decoder_depth, k) keeps the checkpoint's key name; the
     mix itself is ``ops.mixed_kv``.
     """
+
+    fp32_parameters = ("linear.weight",)  # the fused mix kernel reads W in fp32 (split into two halves)
 
     def __init__(self, num_features: int, decoder_depth: int):
         super().__init__()
@@ -284,7 +290,7 @@ class MAE(MaskedEncoder):
         _, y = run_blocks(self.decoder_blocks, x, final_norm=self.decoder_norm)
         return self.decoder_pred(y)[:, 1:]
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> ModelOutput:
+    def loss_forward(self, imgs: torch.Tensor, noise: torch.Tensor | None) -> ModelOutput:
         noise = self.check_inputs(imgs, noise)
         visible_ids, pred_ids = split_ids(noise, self.split)
         pred = gather_tokens(self.decode_all(imgs, noise), pred_ids)

@@ -27,6 +27,8 @@ def layer_norm(dim: int) -> nn.LayerNorm:
 
 
 class Mlp(nn.Module):
+    fp32_parameters = ("fc1.bias",)  # the fused path adds it inside its bias + GELU kernel, in fp32
+
     def __init__(self, dim: int, hidden: int, backend: str):
         super().__init__()
         self.ops = ops_for(backend)

@@ -20,6 +20,9 @@ What the fused path does differently, and why (bench/ledger.py counts the effect
 * Attention reads q/k/v as views of the fused projection and writes the gradient of the whole
   projection output at once (no zero-filled gradient per q/k/v slice).
 * The MLP saves only its fc1 output and recomputes the GELU in backward (bias + GELU in one kernel).
+* Under autocast, the weights the matmuls read are cast to the compute dtype in one multi-tensor copy per
+  step, and their gradients back in one more (``with_compute_weights``), instead of autocast's one cast
+  per weight and one per gradient. (Under torch.compile the compiler fuses those casts itself.)
 * The encoder embeds only the visible patches (a gather, then the patch conv as a matmul); the IBA mix
   and its LayerNorms are one kernel feeding every decoder block's kv projection in one batched matmul;
   the loss is one kernel.
@@ -27,9 +30,13 @@ What the fused path does differently, and why (bench/ledger.py counts the effect
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module  # the mechanism behind torch.func.functional_call
 
 from model.masking import gather_tokens, normalize_patches, patchify, unpatchify
 
@@ -82,6 +89,10 @@ class ReferenceOps:
     """backend="torch": plain PyTorch, the authors' order of operations."""
 
     name = "torch"
+
+    def with_compute_weights(self, model: nn.Module, fn: Callable[..., Any], *args) -> Any:
+        """``fn(*args)``, a forward pass of ``model``; under autocast each matmul casts its weights itself."""
+        return fn(*args)
 
     # -- the residual stream ------------------------------------------------------------------------------
 
@@ -197,10 +208,58 @@ class _RecomputedGeluMlp(torch.autograd.Function):
         return dx, dw1.to(w1_dtype), db1.to(b1_dtype), dw2.to(w2_dtype), db2.to(b2_dtype), None
 
 
+class _CastParameters(torch.autograd.Function):
+    """Parameters to ``dtype`` in one multi-tensor copy; their gradients back to the parameters' dtypes in one
+    more, when the last of them is known (at the end of the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        cast = [torch.empty_like(p, dtype=dtype) for p in params]
+        torch._foreach_copy_(cast, list(params))
+        ctx.param_dtypes = [p.dtype for p in params]
+        return tuple(cast)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        if present:
+            back = [torch.empty_like(grads[i], dtype=ctx.param_dtypes[i]) for i in present]
+            torch._foreach_copy_(back, [grads[i] for i in present])
+            for i, g in zip(present, back, strict=True):
+                out[i] = g
+        return (None, *out)
+
+
+def matmul_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters matmuls read (weights and biases of every Linear and Conv2d), minus those a module
+    names in ``fp32_parameters`` because a fused kernel reads them in fp32 itself."""
+    keep_fp32 = {f"{prefix}.{name}" if prefix else name
+                 for prefix, module in model.named_modules() for name in getattr(module, "fp32_parameters", ())}
+    return {f"{prefix}.{name}" if prefix else name: p
+            for prefix, module in model.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)
+            for name, p in module.named_parameters(recurse=False)
+            if (f"{prefix}.{name}" if prefix else name) not in keep_fp32}
+
+
 class FusedOps(ReferenceOps):
     """backend="triton": the fused kernels of ``kernels/``."""
 
     name = "triton"
+
+    def with_compute_weights(self, model, fn, *args):
+        # Eager autocast casts each weight when a matmul first reads it and each gradient back: two launches
+        # per parameter (about 350 of a ViT-B step's 1,100). One multi-tensor copy each way does the same work.
+        device = next(model.parameters()).device
+        if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device.type):
+            return fn(*args)
+        dtype = torch.get_autocast_dtype(device.type)
+        params = {name: p for name, p in matmul_parameters(model).items() if p.dtype != dtype}
+        if not params:
+            return fn(*args)
+        cast = _CastParameters.apply(dtype, *params.values())
+        with _reparametrize_module(model, dict(zip(params, cast, strict=True))):
+            return fn(*args)
 
     def stream(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream's storage: the activation dtype (bf16 / fp16 under autocast)."""
