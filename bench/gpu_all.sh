@@ -19,7 +19,7 @@
 #   model         the rest of tests/ that concern the triton backend or the GPU (-k "triton or cuda or gpu"; not
 #                 tests/test_gpu_script.py, this script's own CPU test): the model, triton against torch, on the GPU
 #   trainer       the real trainer: python -m train.pretrain, ViT-B/16 CrossMAE, synthetic images, 30 steps of
-#                 batch 256, its default precision; --backend torch, --backend triton, then both with --compile
+#                 batch 256 (one epoch of 7,680 images), its default precision; --backend torch, --backend triton, then both with --compile
 #   demo          the embedded default through the PyTorch loader (python -m train.pretrain --data_backend torch)
 #   table5        bench/test_table5.py + bench/test_train_step.py --benchmark: ViT-B Table 5 rows, torch vs triton,
 #                 eager; then the compiled rows; then ViT-S/L/H (each configuration that would not fit is recorded
@@ -253,7 +253,7 @@ for stage in "${STAGE_ORDER[@]}"; do
                 label="trainer_${backend}${flag:+_compile}"
                 job "$label" "$(share "$run_w" "$runs_left" $((stage_end - SECONDS)))" python -m train.pretrain \
                     --model crossmae_vit_base_patch16 --data_backend synthetic --max_steps 30 --batch_size 256 \
-                    --backend "$backend" ${flag:+"$flag"} --log_every 10 --output_dir "$SCRATCH/$label"
+                    --synthetic_images 7680 --backend "$backend" ${flag:+"$flag"} --log_every 10 --output_dir "$SCRATCH/$label"
                 runs_left=$((runs_left - run_w))
                 keep_run_outputs "$label" "*.jsonl"
             done

@@ -90,7 +90,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.machine import machine_facts
-from bench.results import write_results
+from bench.results import resolve_results_dir, write_results
 
 
 def ledger_device() -> torch.device:
@@ -1057,7 +1057,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the two small batches counted on the CPU (default 2,3)")
     parser.add_argument("--check-batch", type=int, default=None,
                         help="also count this batch and report how far the extrapolation is from it")
-    parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where to write (default: bench/results/local/, git-ignored, or $BENCH_RESULTS_DIR)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write the committed bench/results/ instead (a deliberate update)")
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -1078,7 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = markdown(report, facts)
     print("\n".join(lines))
     if not args.no_write:
-        files = write_results(args.results_dir, KIND, facts, to_jsonable(report), lines)
+        results_dir = args.results_dir or resolve_results_dir(full=True, save_results=args.save_results)
+        files = write_results(results_dir, KIND, facts, to_jsonable(report), lines)
         print(f"\nwrote {files.json} and {files.markdown}", file=sys.stderr)
     failed = [(e["model"], be) for e in report["models"] for be, r in e["backends"].items() if r["status"] != "ok"]
     return 1 if failed else 0

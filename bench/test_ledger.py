@@ -10,6 +10,8 @@ interpreter) and extrapolates to 256: a few minutes.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from bench.ledger import (
     machine_facts,
     markdown,
     run_ledger,
+    summarize,
     to_jsonable,
     totals,
     write_results,
@@ -302,7 +305,7 @@ def test_smoke_extrapolation_is_exact(smoke, backend):
     check_same_sequence(r["samples"][0], sample)
     assert check["saved_measured"] == check["saved_predicted"]
     assert r["total"]["launches"].slope == 0  # same ops at every batch
-    off_line = [i for i in check["inexact"]]
+    off_line = list(check["inexact"])
     if backend == "torch":
         assert off_line == []
     assert all(i["quantity"] in ("bytes_read", "bytes_written") for i in off_line), off_line
@@ -322,7 +325,8 @@ def test_smoke_counts_are_sane(smoke, backend):
     assert r["by_class"]["optimizer"]["bytes"].const >= 28 * r["params"]  # fused AdamW: 16 B read + 12 written
     if backend == "triton":
         assert total["triton_kernels"] > 0
-        assert any(c.startswith("crossmae::") for c in r["by_class"]) and r["by_class"]["attention"]["launches"].at(1)
+        assert any(c.startswith("crossmae::") for c in r["by_class"])
+        assert r["by_class"]["attention"]["launches"].at(256) > 0
 
 
 @ignore_interpreter_overflow
@@ -355,8 +359,6 @@ def test_smoke_attention_flops_agree_across_backends(smoke):
 def test_smoke_report(smoke, results_dir):
     report = {"batch": 256, "precision": "bf16", "card": "H200", "card_constants": vars(CARDS["H200"]),
               "sample_batches": list(SAMPLES), "formula": "t", "models": []}
-    from bench.ledger import summarize
-
     entry = {"model": SMOKE_MODEL, "overrides": SMOKE_OVERRIDES, "backends": {}}
     for be in BACKENDS:
         r = smoke[be]
@@ -369,7 +371,8 @@ def test_smoke_report(smoke, results_dir):
     text = "\n".join(lines)
     assert "triton ÷ torch" in text and "ERROR" in text and "estimate, not a measurement" in text
     files = write_results(results_dir, "ledger", facts, to_jsonable(report), lines)
-    assert files.latest_json.exists()
+    written = json.loads(files.latest_json.read_text())
+    assert written["models"][0]["backends"]["triton"]["total"]["launches"] > 0
 
 
 def test_error_is_reported_not_hidden():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -163,6 +164,48 @@ def test_short_run_end_to_end_and_resume(mode, tmp_path):
     assert classify.main(mode, [*args, "--epochs", "3"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_help_shows_every_default_exactly_once(mode):
+    text = classify.build_parser(mode).format_help()
+    options = text[text.index("options:"):]
+    blocks = re.split(r"\n(?=  -)", options)[1:]  # one block per flag, its help wrapped below it
+    flags = [b.split()[0].rstrip(",") for b in blocks]
+    assert "--epochs" in flags and "--seed" in flags and "--img_size" in flags
+    for flag, block in zip(flags, blocks, strict=True):
+        if flag != "-h":
+            assert block.count("(default") == 1, block
+
+
+def _parse(mode: str, argv: list[str]):
+    parser = classify.build_parser(mode)
+    args = parser.parse_args(argv)
+    classify.check_args(parser, args)
+    return args
+
+
+def test_image_and_patch_size_come_from_the_checkpoint(tmp_path, capsys):
+    from train.pretrain import config_dict
+
+    pre = create_model("crossmae_vit_tiny_patch8", img_size=24, patch_size=4)
+    ours = tmp_path / "ours.pth"  # a pre-training checkpoint: records its model config
+    torch.save({"model": pre.state_dict(), "model_config": config_dict(pre.cfg)}, ours)
+    bare = tmp_path / "bare.pth"  # the authors' / timm's files: only tensors, the size read off them
+    torch.save(pre.state_dict(), bare)
+    for path in (ours, bare):
+        args = _parse("finetune", ["--finetune", str(path)])
+        assert (args.img_size, args.patch_size) == (24, 4)
+        args = _parse("linprobe", ["--finetune", str(path), "--img_size", "24"])  # agreeing values are fine
+        assert (args.img_size, args.patch_size) == (24, 4)
+    assert _parse("finetune", []).img_size == classify.DEMO_IMG_SIZE  # no checkpoint: the demo's size
+    for flags, message in ((["--img_size", "32"], "pre-trained with img_size 24"),
+                           (["--patch_size", "8"], "pre-trained with patch_size 4")):
+        with pytest.raises(SystemExit):
+            _parse("finetune", ["--finetune", str(ours), *flags])
+        assert message in capsys.readouterr().err
+    clf = create_classifier("vit_tiny_patch8", 10, img_size=24, patch_size=4)
+    load_encoder(clf, torch.load(ours, weights_only=True))  # the sizes found are the ones that load
 
 
 def test_bad_flags_are_refused(tmp_path, capsys):

@@ -53,11 +53,14 @@ def test_default_run_writes_checkpoint_metrics_and_reconstructions(tmp_path):
         assert {"step", "epoch", "loss", "lr", "img_per_s", "data_wait"} <= set(r)
         assert r["loss"] > 0 and r["img_per_s"] > 0
     png = out / "reconstruction-final.png"
-    assert png.exists()
+    assert png.exists() and (out / "loss.png").exists()
     from PIL import Image
 
     with Image.open(png) as im:
         assert im.width > 4 * 32 and im.height > 8 * 32  # 4 columns, 8 images of 32 pixels
+    # The demo's grid: 4 training images, then 4 crops of photos the run never trains on.
+    assert "found 4 images in 2 folders" in result.stdout
+    assert "finished: 6 steps (6 this run)" in result.stdout and "reconstruction-final.png, loss.png" in result.stdout
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path):

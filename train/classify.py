@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import classifier_names, create_classifier, read_checkpoint
 from model.official import short_list
-from model.timm_format import load_encoder_weights
+from model.timm_format import encoder_geometry, load_encoder_weights, read_weights, weights_entry
 from train import distributed
 from train.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.checkpoint import LAST, save_atomic
@@ -35,14 +36,16 @@ from train.data import BACKENDS as DATA_BACKENDS
 from train.data import build_loader, resolve_data_path
 from train.monitor import MetricsLog, setup_logging
 from train.optim import LARS, layer_decay_groups, lr_at, set_scaled_lr
+from train.pretrain import DefaultsOnceHelpFormatter
 
 logger = logging.getLogger("train")
 
 FORMAT = "crossmae-classify-v1"
 BEST = "checkpoint-best.pth"
 
-# Defaults: the embedded digits demo (runs offline on a CPU in about a minute). ImageNet commands
-# are in the README.
+# Defaults: the embedded digits demo (runs offline on a CPU). ImageNet commands are in the docstrings of
+# train/finetune.py and train/linprobe.py.
+DEMO_IMG_SIZE = 32
 RECIPES = {
     "finetune": dict(batch_size=64, epochs=10, warmup_epochs=1, blr=5e-4, weight_decay=0.05, layer_decay=0.75,
                      drop_path=0.1, global_pool="avg", optimizer="adamw", mixup=0.8, cutmix=1.0, smoothing=0.1,
@@ -57,51 +60,94 @@ RECIPES = {
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
     r = RECIPES[mode]
-    p = argparse.ArgumentParser(prog=f"python -m train.{mode}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description=f"{'Fine-tune' if mode == 'finetune' else 'Linear-probe'} a pre-trained "
-                                            "encoder on <data_path>/train, evaluating on <data_path>/val.")
-    p.add_argument("--model", default="vit_tiny_patch8", help=f"one of: {', '.join(classifier_names())}")
+    what = "Fine-tune" if mode == "finetune" else "Linear-probe"
+    p = argparse.ArgumentParser(prog=f"python -m train.{mode}", formatter_class=DefaultsOnceHelpFormatter,
+                                description=f"{what} a pre-trained encoder on <data_path>/train, evaluating on "
+                                            "<data_path>/val. The defaults are the digits demo's recipe (see the "
+                                            "README); ImageNet commands are in the module docstring.")
+    p.add_argument("--model", default="vit_tiny_patch8", help=f"encoder: one of {', '.join(classifier_names())}")
     p.add_argument("--finetune", default=None, help="pre-trained weights: a pre-training checkpoint (ours or the "
                                                      "authors') or timm ViT weights (.safetensors / .pth, e.g. from "
-                                                     "train.export); none = random initialisation")
-    p.add_argument("--img_size", type=int, default=32)
-    p.add_argument("--patch_size", type=int, default=None, help="default: the model's (must match the checkpoint)")
+                                                     "train.export) (default: none, random initialisation)")
+    p.add_argument("--img_size", type=int, default=None,
+                   help=f"input size (default: the --finetune checkpoint's, else {DEMO_IMG_SIZE})")
+    p.add_argument("--patch_size", type=int, default=None,
+                   help="patch size (default: the --finetune checkpoint's, else the model's)")
     p.add_argument("--data_path", default="digits", help="folder with train/ and val/ image folders, or 'digits'")
-    p.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--batch_size", type=int, default=r["batch_size"])
-    p.add_argument("--accum_iter", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=r["epochs"])
-    p.add_argument("--warmup_epochs", type=float, default=r["warmup_epochs"])
-    p.add_argument("--blr", type=float, default=r["blr"], help="lr = blr * eff_batch / 256")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--min_lr", type=float, default=1e-6 if mode == "finetune" else 0.0)
-    p.add_argument("--weight_decay", type=float, default=r["weight_decay"])
-    p.add_argument("--global_pool", choices=("avg", "token"), default=r["global_pool"])
+    p.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto", help="image loader")
+    p.add_argument("--num_workers", type=int, default=2, help="loader workers (DALI threads)")
+    p.add_argument("--batch_size", type=int, default=r["batch_size"], help="images per process and step")
+    p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=int, default=r["epochs"], help="training epochs")
+    p.add_argument("--warmup_epochs", type=float, default=r["warmup_epochs"], help="linear lr warmup, in epochs")
+    p.add_argument("--blr", type=float, default=r["blr"], help="base lr: lr = blr * eff_batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: from --blr)")
+    p.add_argument("--min_lr", type=float, default=1e-6 if mode == "finetune" else 0.0,
+                   help="lr at the end of the cosine schedule")
+    p.add_argument("--weight_decay", type=float, default=r["weight_decay"], help="weight decay")
+    p.add_argument("--global_pool", choices=("avg", "token"), default=r["global_pool"],
+                   help="features: average of the patch tokens + fc_norm, or the cls token after the final norm")
     if mode == "finetune":
-        p.add_argument("--layer_decay", type=float, default=r["layer_decay"])
-        p.add_argument("--drop_path", type=float, default=r["drop_path"])
+        p.add_argument("--layer_decay", type=float, default=r["layer_decay"],
+                       help="layer-wise lr decay: the head trains at lr, block i of d at lr * "
+                            "layer_decay^(d - i), the embeddings at lr * layer_decay^(d + 1)")
+        p.add_argument("--drop_path", type=float, default=r["drop_path"], help="stochastic depth rate of the last "
+                                                                               "block")
         p.add_argument("--mixup", type=float, default=r["mixup"], help="mixup alpha (0 = off)")
         p.add_argument("--cutmix", type=float, default=r["cutmix"], help="CutMix alpha (0 = off)")
-        p.add_argument("--smoothing", type=float, default=r["smoothing"])
+        p.add_argument("--smoothing", type=float, default=r["smoothing"], help="label smoothing")
         p.add_argument("--reprob", type=float, default=r["reprob"], help="random erasing probability")
         p.add_argument("--randaug", action=argparse.BooleanOptionalAction, default=r["randaug"],
                        help="RandAugment, 2 ops at magnitude 9 (std 0.5)")
     else:
-        p.add_argument("--optimizer", choices=("lars", "sgd"), default=r["optimizer"])
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    p.add_argument("--output_dir", default=r["output_dir"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=20)
+        p.add_argument("--optimizer", choices=("lars", "sgd"), default=r["optimizer"],
+                       help="LARS (MAE's ImageNet probe) or SGD with momentum 0.9")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="training device (default: cuda if visible, else cpu)")
+    p.add_argument("--output_dir", default=r["output_dir"], help="checkpoints and metrics.jsonl; a run resumes "
+                                                                 "from the checkpoint found here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation")
+    p.add_argument("--log_every", type=int, default=20, help="log the running loss every N steps")
     p.set_defaults(mode=mode)
     return p
 
 
+def encoder_size_of(path: str | Path) -> tuple[int, int]:
+    """(image size, patch size) the encoder in ``path`` was trained at: from the model config our
+    pre-training checkpoints record, else read off its tensors (position-table rows, patch conv), which
+    works for the authors' checkpoints and timm weights alike."""
+    checkpoint = read_weights(path)
+    cfg = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("img_size"), int) and isinstance(cfg.get("patch_size"), int):
+        return cfg["img_size"], cfg["patch_size"]
+    geometry = encoder_geometry(weights_entry(checkpoint))
+    return geometry["img_size"], geometry["patch_size"]
+
+
+def resolve_encoder_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill --img_size / --patch_size from the --finetune checkpoint (their defaults), or refuse values that
+    contradict it: the position table and the patch conv only fit the size they were trained at."""
+    if args.finetune is None:
+        if args.img_size is None:
+            args.img_size = DEMO_IMG_SIZE
+        return
+    try:
+        img_size, patch_size = encoder_size_of(args.finetune)
+    except (KeyError, ValueError, TypeError) as e:
+        p.error(f"--finetune {args.finetune}: {e}")
+    for flag, given, saved in (("img_size", args.img_size, img_size), ("patch_size", args.patch_size, patch_size)):
+        if given is not None and given != saved:
+            p.error(f"--{flag} {given}: the encoder in {args.finetune} was pre-trained with {flag} {saved}; "
+                    f"omit --{flag} (it defaults to the checkpoint's)")
+    args.img_size, args.patch_size = img_size, patch_size
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name, low in {"batch_size": 1, "accum_iter": 1, "epochs": 1, "log_every": 1, "num_workers": 0,
-                      "img_size": 1}.items():
-        if getattr(args, name) < low:
+                      "img_size": 1, "patch_size": 1}.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if not 0 <= args.warmup_epochs <= args.epochs:
         p.error(f"--warmup_epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}")
@@ -118,6 +164,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu")
     if args.finetune is not None and not Path(args.finetune).is_file():
         p.error(f"--finetune {args.finetune}: no such file")
+    resolve_encoder_size(p, args)
     try:
         root = resolve_data_path(args.data_path)
     except (FileNotFoundError, ValueError) as e:
@@ -187,7 +234,7 @@ class ClassifyRun:
                 self.optimizer = LARS(head, lr=self.lr, weight_decay=args.weight_decay)
             else:
                 self.optimizer = torch.optim.SGD(head, lr=self.lr, momentum=0.9, weight_decay=args.weight_decay)
-        self.epoch, self.best_top1 = 0, -1.0
+        self.epoch, self.step, self.best_top1 = 0, 0, -1.0
         self._resume()
         self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if dist_info.enabled else self.model)
@@ -212,13 +259,15 @@ class ClassifyRun:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.best_top1 = ckpt["epoch"], ckpt["best_top1"]
+        self.step = ckpt.get("step", self.epoch * self.steps_per_epoch)  # checkpoints before "step" was saved
         logger.info("resumed from %s after epoch %d (best top-1 %.2f%%)", path, self.epoch, self.best_top1)
 
     def _save(self, best: bool) -> None:
         if not self.dist.is_main:
             return
         state = {"format": FORMAT, "mode": self.args.mode, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_top1": self.best_top1,
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                 "best_top1": self.best_top1,
                  "classes": list(self.train_loader.classes), "args": dict(vars(self.args))}
         save_atomic(state, self.out / LAST)
         if best:
@@ -297,7 +346,9 @@ class ClassifyRun:
     def run(self) -> int:
         args = self.args
         self.out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out, self.dist.is_main, tensorboard=False)
+        # Records are keyed by optimizer step: those after the checkpoint's (written by a run killed before it
+        # saved) are set aside, since those epochs run again; those of the epochs it holds are kept.
+        log = MetricsLog(self.out, self.dist.is_main, tensorboard=False, resume_step=self.step)
         logger.info("%s %s on %d classes (%d train / %d val images); lr %.3g (blr %.3g, effective batch %d)",
                     args.mode, args.model, self.num_classes, self.train_loader.num_images,
                     self.val_loader.num_images, self.lr, args.blr, self.eff_batch)
@@ -306,10 +357,11 @@ class ClassifyRun:
                 stats = self.train_epoch()
                 stats.update(self.evaluate())
                 self.epoch += 1
+                self.step += self.steps_per_epoch
                 best = stats["val_top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, stats["val_top1"])
                 self._save(best)
-                log.write({"step": self.epoch * self.steps_per_epoch, "epoch": self.epoch, **stats,
+                log.write({"step": self.step, "epoch": self.epoch, **stats,
                            "best_top1": self.best_top1})
                 logger.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  (best %.2f%%)",
                             self.epoch, args.epochs, stats["train_loss"], stats["val_top1"], stats["val_top5"],

@@ -2,7 +2,7 @@
 
     from train.data import build_loader, available_backends, resolve_data_path
 
-    root = resolve_data_path("demo")        # the embedded demo photos, or any <root>/<class>/<image> folder
+    root = resolve_data_path("demo")        # the embedded demo photos, or any folder of images
     loader = build_loader(root, batch_size=64, img_size=224, train=True, backend="auto",
                           device=torch.device("cuda"), rank=rank, world_size=world_size, seed=0)
     for epoch in range(start_epoch, epochs):
@@ -16,6 +16,9 @@ Backends (`--data_backend`):
 - "torch": torch.utils.data.DataLoader workers decoding with Pillow. Always available.
 - "synthetic": random normalised images generated on `device` (no files, no host work), for
   measuring the model alone. `root` may be None or "synthetic"; `num_images` sets the epoch length.
+
+Folders: with `with_labels=True` (fine-tuning, probing) `<root>/<class>/<image>`; without (pre-training)
+any folder of images, read recursively, a flat one included.
 - "auto": dali if it imports, else torch (logged).
 
 Training batches: RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + horizontal
@@ -84,9 +87,9 @@ def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
         return materialize_digits() / str(data_path)[len("digits"):].lstrip("/")
     path = Path(data_path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data_path {str(data_path)!r} does not exist: pass an image folder "
-                                f"<root>/<class>/<image>, 'demo' for the embedded photos, "
-                                f"or use --data_backend synthetic")
+        raise FileNotFoundError(f"data_path {str(data_path)!r} does not exist: pass a folder of images "
+                                f"(<root>/<class>/<image> for fine-tuning and probing), 'demo' for the embedded "
+                                f"photos, or use --data_backend synthetic")
     return path
 
 
@@ -142,8 +145,9 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
                  **backend_options) -> FolderLoader | SyntheticLoader:
     """A loader of (images, labels) batches; see the module docstring and FolderLoader.
 
-    root: an image folder `<root>/<class>/<image>` (or "demo"; see resolve_data_path); ignored by the
-    synthetic backend. num_workers: DALI threads or DataLoader worker processes (0: in-process).
+    root: a folder of images, read recursively (`<root>/<class>/<image>` with `with_labels`), or "demo"
+    (see resolve_data_path); ignored by the synthetic backend.
+    num_workers: DALI threads or DataLoader worker processes (0: in-process).
     num_images: epoch length of the synthetic backend (default ImageNet-1k's 1,281,167).
     validate: the up-front scan's depth, "decode" or "header" (see train/data_index.py).
     dali_device: "auto" | "mixed" | "cpu" (DALI only). backend_options go to the backend's loader.
@@ -179,7 +183,8 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
     if root is None or str(root) == "synthetic":
         raise ValueError(f"backend={backend!r} reads image files: pass root (a folder or 'demo')")
     path = resolve_data_path(root)
-    index = scan_image_folder(path, validate=validate, num_threads=max(2, num_workers), cache_dir=cache_dir)
+    index = scan_image_folder(path, validate=validate, num_threads=max(2, num_workers), cache_dir=cache_dir,
+                              classes=with_labels)
     plan = EpochPlan(index.sizes, batch_size, img_size, train=train, rank=rank, world_size=world_size, seed=seed)
     if backend == "dali":
         from train.data_dali import DaliLoader

@@ -1,4 +1,8 @@
-"""Index an image folder `<root>/<class>/<image>` and validate every image once, up front.
+"""Index an image folder and validate every image once, up front.
+
+Two layouts: `classes=True` (fine-tuning, probing) reads `<root>/<class>/<image>`, labels from the
+class folders; `classes=False` (pre-training, which needs no labels) reads every image under the root,
+at any depth, a flat folder included.
 
 DALI's decoders stop the whole pipeline on a corrupt file, so a file that cannot be decoded must be
 found before training starts. `scan_image_folder` lists the files, keeps those with an image
@@ -10,11 +14,12 @@ only stats the files. Under DDP every rank scans; ranks sharing a file system sh
 pre-scan a large folder once (`python -c "from train.data import scan_image_folder as s; s('PATH')"`)
 to spare the ranks the parallel first scan.
 
-What is kept: regular files with a known extension under a non-hidden class folder (any depth),
-size > 0, that Pillow opens as one of the formats DALI decodes. What is skipped (listed in
-`ImageIndex.skipped`, logged with a count and paths): image-named files that fail that check, files
-that cannot be read (permission denied). What is ignored (`ImageIndex.ignored`): hidden files and
-folders, other extensions, files directly under the root.
+What is kept: regular files with a known extension under a non-hidden class folder (any depth;
+with `classes=False` anywhere under the root), size > 0, that Pillow opens as one of the formats DALI
+decodes. What is skipped (listed in `ImageIndex.skipped`, logged with a count and paths): image-named
+files that fail that check, files that cannot be read (permission denied). What is ignored
+(`ImageIndex.ignored`): hidden files and folders, other extensions, and with `classes=True` files
+directly under the root.
 """
 
 from __future__ import annotations
@@ -50,12 +55,13 @@ def cache_root() -> Path:
 
 @dataclass
 class ImageIndex:
-    """The valid images of a folder, in a fixed order (class name, then path)."""
+    """The valid images of a folder, in a fixed order (class name, then path; files directly under the
+    root, read with classes=False, first)."""
 
     root: Path
-    classes: list[str]
+    classes: list[str]  # the folders directly under the root
     files: list[str]  # absolute paths
-    labels: np.ndarray  # (N,) int64, index into `classes`
+    labels: np.ndarray  # (N,) int64, index into `classes`; -1 for a file directly under the root (classes=False)
     sizes: np.ndarray  # (N, 2) int64, (width, height) after EXIF orientation
     skipped: list[str] = field(default_factory=list)  # image-named files that cannot be decoded or read
     ignored: list[str] = field(default_factory=list)  # non-image, hidden, or outside any class folder
@@ -97,8 +103,9 @@ def probe_image(path: str, validate: str = "decode") -> tuple[int, int]:
     return width, height
 
 
-def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """(classes, [(class, abs path)] of image-named files, ignored paths)."""
+def _list_folder(root: Path, with_classes: bool = True) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(classes, [(class, abs path)] of image-named files, ignored paths). Without classes the image
+    files directly under the root are candidates too, of class "" (listed first)."""
     classes, candidates, ignored = [], [], []
     with os.scandir(root) as entries:
         top = sorted(entries, key=lambda e: e.name)
@@ -107,12 +114,14 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str
             continue
         if entry.is_dir(follow_symlinks=True):
             classes.append(entry.name)
-        else:
+        elif with_classes or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             ignored.append(entry.path)
+        else:
+            candidates.append(("", entry.path))
     loose = [p for p in ignored if p.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:
-        logger.warning("ignoring %d image file(s) directly under %s: images must be in class folders "
-                       "<root>/<class>/<image>", len(loose), root)
+        logger.warning("ignoring %d image file(s) directly under %s: fine-tuning and probing need class "
+                       "folders <root>/<class>/<image>", len(loose), root)
     unreadable_dirs, visited = [], set()
     for name in classes:
         found = []
@@ -170,8 +179,10 @@ def _save_cache(path: Path, root: Path, validate: str, entries: dict) -> None:
 
 
 def scan_image_folder(root: str | os.PathLike, *, validate: str = "decode", num_threads: int = 4,
-                      cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> ImageIndex:
-    """List and validate `<root>/<class>/<image>`; raise before training if nothing usable is there.
+                      cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                      classes: bool = True) -> ImageIndex:
+    """List and validate `<root>/<class>/<image>` (`classes=True`) or every image under `root` at any
+    depth (`classes=False`: no labels, for pre-training); raise before training if nothing usable is there.
 
     Raises FileNotFoundError if `root` does not exist, ValueError if it is not a folder or holds no
     valid image. Class folders without valid images stay in `classes`, so label indices only depend
@@ -180,13 +191,16 @@ def scan_image_folder(root: str | os.PathLike, *, validate: str = "decode", num_
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate={validate!r}: expected one of {VALIDATE_MODES}")
     root = Path(root).expanduser().absolute()
+    layout = "<root>/<class>/<image> files" if classes else "image files under it (any depth)"
     if not root.exists():
-        raise FileNotFoundError(f"data path {str(root)!r} does not exist (expected <root>/<class>/<image> files)")
+        raise FileNotFoundError(f"data path {str(root)!r} does not exist (expected {layout})")
     if not root.is_dir():
-        raise ValueError(f"data path {str(root)!r} is not a folder (expected <root>/<class>/<image> files)")
-    classes, candidates, ignored = _list_folder(root)
-    if not classes:
-        raise ValueError(f"data path {str(root)!r} has no class folders: expected <root>/<class>/<image> files")
+        raise ValueError(f"data path {str(root)!r} is not a folder (expected {layout})")
+    with_classes = classes
+    classes, candidates, ignored = _list_folder(root, with_classes)
+    if with_classes and not classes:
+        raise ValueError(f"data path {str(root)!r} has no class folders: fine-tuning and probing expect "
+                         "<root>/<class>/<image> files (pre-training reads any folder of images)")
 
     cache_path = _cache_file(root, Path(cache_dir) if cache_dir is not None else None)
     cached = _load_cache(cache_path, root, validate) if use_cache else {}
@@ -226,7 +240,7 @@ def scan_image_folder(root: str | os.PathLike, *, validate: str = "decode", num_
         if use_cache:
             _save_cache(cache_path, root, validate, entries)
 
-    class_index = {name: k for k, name in enumerate(classes)}
+    class_index = {"": -1, **{name: k for k, name in enumerate(classes)}}
     files, labels, sizes, skipped, reasons = [], [], [], [], []
     for (name, path), result in zip(candidates, results, strict=True):
         if isinstance(result, tuple):
@@ -241,13 +255,13 @@ def scan_image_folder(root: str | os.PathLike, *, validate: str = "decode", num_
         more = f"\n  ... and {len(skipped) - 100} more" if len(skipped) > 100 else ""
         logger.warning("skipping %d unreadable image file(s) under %s:\n%s%s", len(skipped), root, shown, more)
     if not files:
-        raise ValueError(f"data path {str(root)!r} holds no valid image in its {len(classes)} class folder(s) "
-                         f"({len(skipped)} unreadable, {len(ignored)} ignored); expected <root>/<class>/<image> "
-                         f"with extensions {', '.join(IMAGE_EXTENSIONS)}")
-    empty = sorted(set(classes) - {classes[k] for k in set(labels)})
+        where = f"in its {len(classes)} class folder(s)" if with_classes else "under it"
+        raise ValueError(f"data path {str(root)!r} holds no valid image {where} ({len(skipped)} unreadable, "
+                         f"{len(ignored)} ignored); expected {layout} with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    empty = sorted(set(classes) - {classes[k] for k in set(labels) if k >= 0}) if with_classes else []
     if empty:
         logger.warning("%d class folder(s) under %s hold no valid image: %s", len(empty), root, empty[:20])
-    logger.info("found %d images in %d classes under %s (%d skipped, %d ignored)",
-                len(files), len(classes), root, len(skipped), len(ignored))
+    logger.info("found %d images in %d %s under %s (%d skipped, %d ignored)", len(files), len(classes),
+                "classes" if with_classes else "folders (read recursively)", root, len(skipped), len(ignored))
     return ImageIndex(root=root, classes=classes, files=files, labels=np.asarray(labels, dtype=np.int64),
                       sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2), skipped=skipped, ignored=ignored)

@@ -1,9 +1,13 @@
-"""The embedded demo dataset: real photographs shipped inside installed packages, as an image folder.
+"""The embedded demo datasets: real photographs shipped inside installed packages, as image folders.
 
 `materialize_demo()` builds, once, `<cache>/demo/<photo>/<photo>_NNN.jpg` (cache: `$CROSSMAE_CACHE`,
-else `~/.cache/crossmae`): a few hundred JPEG crops (160-256 px, random positions and scales) of the
-photos scikit-image bundles in its wheel (never the ones it downloads), plus scikit-learn's and
-matplotlib's sample photos when those packages are installed. No network. One class folder per photo.
+else `~/.cache/crossmae`): exactly 320 JPEG crops (160-256 px, random positions and scales, seed 0) of a
+fixed list of photographs, nine shipped inside the wheels of scikit-image and matplotlib (both hard
+dependencies; never the files scikit-image downloads). The list is explicit, so the set does not depend
+on what else is installed. `materialize_demo_heldout()` builds `<cache>/demo_heldout/`: a few crops of
+two other photographs of scikit-image's that the demo never trains on, drawn beside training images in
+the reconstruction grids. No network. One folder per photo (pre-training needs no classes; the folders
+only keep the crops of a photo together).
 
 The folder appears atomically: it is written under a temporary name and renamed into place, and the
 marker file is written last, so an interrupted build never leaves a half-built cache and racing
@@ -31,14 +35,20 @@ from train.data_index import cache_root
 
 logger = logging.getLogger("train.data")
 
-DEMO_VERSION = 1
 DEMO_IMAGES = 320
+DEMO_HELDOUT_IMAGES = 4
 DIGITS_SIZE = 32
 _MARKER = "DEMO_COMPLETE.json"
-_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                   "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png")
-_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
-_MATPLOTLIB_PHOTOS = ("grace_hopper.jpg",)
+# Per dataset: a marker of another version means the folder is rebuilt. demo 2: the fixed photo list,
+# exactly DEMO_IMAGES crops, two photos held out.
+_VERSIONS = {"demo": 2, "demo_heldout": 1, "digits": 1}
+# (package, folder inside it, file): the training photos, then the held-out ones.
+_DEMO_PHOTOS = (
+    *(("skimage", "data", name) for name in ("astronaut.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                                            "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "coins.png")),
+    ("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg"),
+)
+_HELDOUT_PHOTOS = (("skimage", "data", "coffee.png"), ("skimage", "data", "camera.png"))
 
 
 def _package_dir(name: str) -> Path | None:
@@ -52,36 +62,49 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def source_photos() -> list[Path]:
-    """The bundled photographs found in installed packages (skimage's are a hard dependency)."""
+def _find_photos(listed: tuple[tuple[str, str, str], ...]) -> list[Path]:
+    """The listed photographs, all of them, or FileNotFoundError naming the first missing one and the fix."""
     found = []
-    for package, sub, names in (("skimage", "data", _SKIMAGE_PHOTOS),
-                                ("sklearn", "datasets/images", _SKLEARN_PHOTOS),
-                                ("matplotlib", "mpl-data/sample_data", _MATPLOTLIB_PHOTOS)):
+    for package, sub, name in listed:
         base = _package_dir(package)
-        if base is not None:
-            found += [base / sub / n for n in names if (base / sub / n).is_file()]
+        path = base / sub / name if base is not None else None
+        if path is None or not path.is_file():
+            pip_name = {"skimage": "scikit-image"}.get(package, package)
+            raise FileNotFoundError(f"the demo photograph {package}/{sub}/{name} is missing ({package} is not "
+                                    f"installed, or is another build): pip install {pip_name}")
+        found.append(path)
     return found
+
+
+def source_photos() -> list[Path]:
+    """The demo's training photographs, in a fixed order (all of them, or FileNotFoundError)."""
+    return _find_photos(_DEMO_PHOTOS)
+
+
+def heldout_photos() -> list[Path]:
+    """The photographs of the held-out demo images, which the demo never trains on."""
+    return _find_photos(_HELDOUT_PHOTOS)
 
 
 def _complete(folder: Path) -> bool:
     try:
-        return json.loads((folder / _MARKER).read_text()).get("version") == DEMO_VERSION
+        return json.loads((folder / _MARKER).read_text()).get("version") == _VERSIONS[folder.name]
     except (OSError, ValueError):
         return False
 
 
 def _write_demo(out: Path, photos: list[Path], num_images: int, seed: int) -> int:
+    """Exactly ``num_images`` crops, spread as evenly as possible over ``photos`` (earlier photos get the
+    remainder)."""
     rng = np.random.default_rng(seed)
-    per_photo = -(-num_images // len(photos))
     written = 0
-    for photo in photos:
+    for i, photo in enumerate(photos):
         name = photo.stem
         (out / name).mkdir()
         with Image.open(photo) as im:
             im = im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB")  # grayscale photos stay grayscale
             width, height = im.size
-            for k in range(per_photo):
+            for k in range(num_images // len(photos) + (i < num_images % len(photos))):
                 # A window covering 25-100% of the shorter side, aspect 3/4..4/3, anywhere in the photo.
                 side = min(width, height) * rng.uniform(0.25, 1.0)
                 aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -104,13 +127,20 @@ def materialize_demo(cache_dir: str | os.PathLike | None = None, *, num_images: 
     """The demo image folder, built on first use (see the module docstring). Returns its path."""
     def build(tmp: Path) -> dict:
         photos = source_photos()
-        if not photos:
-            raise FileNotFoundError("no bundled photographs found: the demo dataset needs scikit-image "
-                                    "(pip install scikit-image)")
         count = _write_demo(tmp, photos, num_images, seed)
         return {"images": count, "seed": seed, "sources": [str(p) for p in photos]}
 
     return _materialize("demo", build, cache_dir, force)
+
+
+def materialize_demo_heldout(cache_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """The held-out demo images (crops of photographs the demo does not train on), built on first use."""
+    def build(tmp: Path) -> dict:
+        photos = heldout_photos()
+        count = _write_demo(tmp, photos, DEMO_HELDOUT_IMAGES, seed=1)
+        return {"images": count, "seed": 1, "sources": [str(p) for p in photos]}
+
+    return _materialize("demo_heldout", build, cache_dir, force)
 
 
 def materialize_digits(cache_dir: str | os.PathLike | None = None, *, size: int = DIGITS_SIZE,
@@ -155,7 +185,7 @@ def _materialize(name: str, build, cache_dir: str | os.PathLike | None, force: b
     try:
         t0 = time.perf_counter()
         info = build(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"version": DEMO_VERSION, **info}, indent=1))
+        (tmp / _MARKER).write_text(json.dumps({"version": _VERSIONS[name], **info}, indent=1))
         if force and final.exists():
             _move_aside(final, base)
         try:
@@ -191,12 +221,14 @@ def _remove_stale_temps(base: Path, max_age_s: float = 3600.0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded demo image folder and print its path.")
+    parser = argparse.ArgumentParser(description="Build the embedded demo image folders (training, held out) and "
+                                     "print their paths.")
     parser.add_argument("--out", default=None, help="cache folder (default $CROSSMAE_CACHE or ~/.cache/crossmae)")
     parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(materialize_demo(args.out, force=args.force))
+    print(materialize_demo_heldout(args.out, force=args.force))
 
 
 if __name__ == "__main__":

@@ -105,18 +105,29 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """A rich progress bar on a terminal (rank 0); nothing otherwise: log lines carry the numbers."""
+    """A rich progress bar on a terminal (rank 0); nothing otherwise: log lines carry the numbers.
 
-    def __init__(self, total_steps: int, done_steps: int, enabled: bool):
+    While the bar is live, the ``train`` logger's console handlers write through rich's console, so that
+    log lines (the per-epoch summaries, warnings) print above the bar and stay on screen instead of being
+    drawn over by it."""
+
+    def __init__(self, total_steps: int, done_steps: int, enabled: bool, label: str = "pretrain"):
         self.progress = None
+        self._redirected: list[tuple[logging.StreamHandler, object]] = []
         if not (enabled and sys.stdout.isatty()):
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich import progress as rp
 
-        self.progress = Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        self.progress = rp.Progress(rp.TextColumn(f"[bold]{label}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                                    rp.TextColumn("{task.fields[stats]}"), rp.TimeElapsedColumn(), rp.TextColumn("eta"),
+                                    rp.TimeRemainingColumn())
         self.task = self.progress.add_task("steps", total=total_steps, completed=done_steps, stats="")
-        self.progress.start()
+        terminal = (sys.stdout, sys.stderr)
+        self.progress.start()  # from here on sys.stdout / sys.stderr print above the live bar
+        for handler in logging.getLogger("train").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in terminal:
+                old = handler.setStream(sys.stdout if handler.stream is terminal[0] else sys.stderr)
+                self._redirected.append((handler, old))
 
     def advance(self) -> None:
         if self.progress is not None:
@@ -129,3 +140,7 @@ class ProgressBar:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            for handler, old in self._redirected:
+                handler.setStream(old)
+            self._redirected.clear()
+            self.progress = None

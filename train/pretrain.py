@@ -60,12 +60,20 @@ from train.data import BACKENDS as DATA_BACKENDS
 from train.data import build_loader, resolve_data_path
 from train.monitor import MetricsLog, ProgressBar, peak_flops, setup_logging
 from train.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from train.visualize import save_reconstruction_grid
+from train.visualize import save_loss_curve, save_reconstruction_grid
 
 logger = logging.getLogger("train")
 
 DEFAULT_MODEL = "crossmae_vit_tiny_patch8"
 VIS_IMAGES = 8
+VIS_HELDOUT = 4  # of VIS_IMAGES, drawn from the demo's held-out photos when the run reads the demo
+BLR = 1.5e-4  # the paper's base lr
+# The demo's lr: the linear rule gives 1.25e-5 for a batch of 64, far below where a 200-step run learns
+# anything (the loss ended at 0.91 with it); an absolute lr replaces the rule for the demo only.
+DEMO_LR = 1e-3
+SYNTHETIC_IMAGES = 4096
+LOSS_PLOT = "loss.png"
+SUMMARY_MIN_STEPS = 50  # a summary line covers whole epochs and at least this many steps (or the run's end)
 # Flags a resumed run must share with the run that wrote the checkpoint (besides the model config): they
 # fix the meaning of the saved data position (batches of batch_size, in the order seed gives) or the
 # optimisation recipe; another value would make it another experiment.
@@ -79,57 +87,82 @@ NOT_COMPARED = ("resume", "max_steps", "data_root", "init_encoder")  # init_enco
 CONFIG_IMPLEMENTATION = ("backend",)
 
 
+class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, once: ``(default: X)`` is appended unless the help already
+    states the default itself (written as "(default: ...)" where the value needs words, e.g. "the model's",
+    or as ``%(default)s``, which BooleanOptionalAction adds on some Python versions)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or "%(default)" in help_text or action.default is argparse.SUPPRESS:
+            return help_text
+        return f"{help_text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnceHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(list_models())}")
     m.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
     m.add_argument("--patch_size", type=int, default=None, help="patch size (default: the model's)")
-    m.add_argument("--mask_ratio", type=float, default=0.75)
+    m.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of the patches the encoder does not see")
     m.add_argument("--kept_mask_ratio", type=float, default=0.25,
                    help="CrossMAE's prediction ratio gamma (fraction of all patches); ignored for MAE")
-    m.add_argument("--decoder_depth", type=int, default=None, help="default: the model's (12 CrossMAE, 8 MAE)")
-    m.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--decoder_depth", type=int, default=None,
+                   help="decoder blocks (default: the model's: 12 CrossMAE, 8 MAE)")
+    m.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="the loss compares each patch normalised by its own mean and std")
     m.add_argument("--backend", choices=("torch", "triton"), default=None,
-                   help="default: triton on CUDA when the kernels import, else torch")
+                   help="model ops: the PyTorch references or the fused Triton kernels (default: triton on CUDA "
+                        "when the kernels import, else torch)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
-    o.add_argument("--accum_iter", type=int, default=1)
-    o.add_argument("--epochs", type=int, default=40)
-    o.add_argument("--warmup_epochs", type=float, default=4)
-    o.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = (gamma/p) * blr * eff_batch / 256")
-    o.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    o.add_argument("--min_lr", type=float, default=0.0)
-    o.add_argument("--weight_decay", type=float, default=0.05)
+    o.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--epochs", type=int, default=40, help="passes over the data (the lr schedule's length)")
+    o.add_argument("--warmup_epochs", type=float, default=4, help="linear lr warmup, then a half-cosine decay")
+    o.add_argument("--blr", type=float, default=None,
+                   help=f"base lr: lr = (gamma/p) * blr * eff_batch / 256 (default: {BLR}, the paper's)")
+    o.add_argument("--lr", type=float, default=None,
+                   help=f"absolute lr, overrides --blr (default: {DEMO_LR} for --data_path demo without --blr, "
+                        "else from --blr)")
+    o.add_argument("--min_lr", type=float, default=0.0, help="the lr the cosine decays to")
+    o.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     o.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="default: bf16 on GPU, fp32 on CPU")
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     o.add_argument("--compile", action="store_true", help="torch.compile the model")
-    o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    o.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps in all (default: none, the whole schedule)")
     d = p.add_argument_group("data")
-    d.add_argument("--data_path", default="demo", help="<root>/<class>/<image> folder, or 'demo'")
-    d.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto")
-    d.add_argument("--num_workers", type=int, default=2)
+    d.add_argument("--data_path", default="demo",
+                   help="a folder of images, read recursively (flat or in sub-folders), 'demo' (the embedded "
+                        "photos), or 'synthetic'")
+    d.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto",
+                   help="auto: dali if it imports, else torch; synthetic: random images, no files")
+    d.add_argument("--synthetic_images", type=int, default=SYNTHETIC_IMAGES,
+                   help="images per epoch of --data_backend synthetic (sets steps per epoch, hence the lr schedule)")
+    d.add_argument("--num_workers", type=int, default=2, help="DALI threads or DataLoader worker processes")
     r = p.add_argument_group("run")
-    r.add_argument("--output_dir", default="output/pretrain")
+    r.add_argument("--output_dir", default="output/pretrain", help="checkpoints, metrics, pictures")
     r.add_argument("--resume", default=None, help=f"checkpoint to resume from (default: <output_dir>/{LAST})")
     r.add_argument("--init_encoder", default=None,
                    help="start the encoder from these weights: timm ViT (.safetensors or .pth, e.g. from "
-                        "train.export) or a pre-training checkpoint; ignored when the run resumes")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+                        "train.export) or a pre-training checkpoint; ignored when the run resumes (default: none)")
+    r.add_argument("--seed", type=int, default=0, help="data order, crops, masks and initialisation")
+    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="training device (default: cuda if available)")
     r.add_argument("--save_every", type=int, default=500, help="write checkpoint-last every N steps (and per epoch)")
     r.add_argument("--keep_every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
-    r.add_argument("--log_every", type=int, default=10, help="log every N steps (the only host syncs)")
-    r.add_argument("--recon_every", type=int, default=10, help="reconstruction grid every N epochs")
-    r.add_argument("--tensorboard", action="store_true")
+    r.add_argument("--log_every", type=int, default=10, help="log every N steps (with the summary lines, the only host syncs)")
+    r.add_argument("--recon_every", type=int, default=10,
+                   help="reconstruction grid and loss curve every N epochs (and at the end)")
+    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     return p
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ModelConfig:
     """Reject impossible flags before any work; returns the validated model config."""
     minimum = {"batch_size": 1, "accum_iter": 1, "epochs": 1, "log_every": 1, "num_workers": 0,
-               "save_every": 0, "keep_every": 0, "recon_every": 0}
+               "save_every": 0, "keep_every": 0, "recon_every": 0, "synthetic_images": 1}
     for name, low in minimum.items():
         if getattr(args, name) < low:
             p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
@@ -141,6 +174,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ModelCon
         value = getattr(args, name)
         if value is not None and (value < 0 or not math.isfinite(value)):
             p.error(f"--{name} must be a finite number >= 0, got {value}")
+    if args.lr is None and args.blr is None and str(args.data_path) == "demo":
+        args.lr = DEMO_LR
+    if args.blr is None:
+        args.blr = BLR
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu")
     if args.precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
@@ -270,13 +307,15 @@ class Trainer:
 
         self.loader = build_loader(args.data_root, batch_size=args.batch_size, img_size=cfg.img_size, train=True,
                                    backend=args.data_backend, device=self.device, rank=dist_info.rank,
-                                   world_size=dist_info.world_size, seed=args.seed, num_workers=args.num_workers)
+                                   world_size=dist_info.world_size, seed=args.seed, num_workers=args.num_workers,
+                                   num_images=args.synthetic_images if args.data_backend == "synthetic" else None)
         self.batches_per_epoch = (len(self.loader) // args.accum_iter) * args.accum_iter
         if self.batches_per_epoch < 1:
             raise ValueError(f"{args.data_path} yields {len(self.loader)} batches of {args.batch_size} per "
                              f"process and epoch, fewer than --accum_iter={args.accum_iter}: lower --batch_size "
                              "or --accum_iter")
         self.steps_per_epoch = self.batches_per_epoch // args.accum_iter
+        self.vis_heldout = 0  # how many of the grid's images (the last ones) the run does not train on
         self.vis_batch = self._vis_batch() if dist_info.is_main else None
 
         torch.manual_seed(args.seed + dist_info.rank)
@@ -291,6 +330,8 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.saved_step = None  # the step checkpoint-last.pth holds, so that one step is never written twice
         self.last_good: tuple[Path, int] | None = None  # (file, step) a stopped run can be resumed from
+        self.loss_range: tuple[float | None, float | None] = (None, None)  # first and last logged loss, this run
+        self.started = (time.perf_counter(), 0)  # (time, step) at the start of the loop
         self.total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
@@ -308,13 +349,29 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------------
 
     def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Fixed images (center crops spread over the dataset's sorted order, hence over its classes)
-        and fixed masks for the reconstruction grids."""
+        """Fixed images (center crops spread over the dataset's sorted order, hence over its folders)
+        and fixed masks for the reconstruction grids; with the demo, the last VIS_HELDOUT are crops of
+        the held-out photos, which the run never trains on."""
         if self.args.data_root is None:
             return None
-        vis = build_loader(self.args.data_root, batch_size=1, img_size=self.cfg.img_size, train=False,
+        heldout = []
+        if str(self.args.data_path) == "demo":
+            from train.demo_data import materialize_demo_heldout
+
+            heldout = self._vis_images(materialize_demo_heldout(), VIS_HELDOUT)
+        imgs = self._vis_images(self.args.data_root, VIS_IMAGES - len(heldout)) + heldout
+        if not imgs:
+            return None
+        self.vis_heldout = len(heldout)
+        imgs = torch.cat(imgs)
+        g = torch.Generator().manual_seed(self.args.seed)
+        return imgs, torch.rand(imgs.shape[0], self.cfg.num_patches, generator=g).to(self.device)
+
+    def _vis_images(self, root: str | Path, count: int) -> list[torch.Tensor]:
+        """``count`` center crops (1, 3, H, W) spread over the sorted files of ``root``."""
+        vis = build_loader(root, batch_size=1, img_size=self.cfg.img_size, train=False,
                            backend=self.args.data_backend, device=self.device, num_workers=0)
-        picks = [(i * len(vis)) // VIS_IMAGES for i in range(min(VIS_IMAGES, len(vis)))]
+        picks = [(i * len(vis)) // count for i in range(min(count, len(vis)))]
         imgs = []
         for first in picks:
             # A file that fails to decode despite the scan is passed over for the next one: a picture
@@ -327,11 +384,7 @@ class Trainer:
                 except RuntimeError as e:
                     logger.warning("reconstruction grid: skipping %s (%s)", vis.files[vis.batch_indices(0)[index][0]],
                                    str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__)
-        if not imgs:
-            return None
-        imgs = torch.cat(imgs)
-        g = torch.Generator().manual_seed(self.args.seed)
-        return imgs, torch.rand(imgs.shape[0], self.cfg.num_patches, generator=g).to(self.device)
+        return imgs
 
     def _init_encoder(self, path: str) -> None:
         """A fresh run's encoder from timm-layout or pre-training weights, every key checked; a resumed run
@@ -507,8 +560,21 @@ class Trainer:
         self.net = self.ddp = None
 
     def reconstruction(self, name: str) -> None:
+        """The reconstruction grid ``name`` and ``loss.png``, from rank 0."""
         if self.vis_batch is not None:
-            save_reconstruction_grid(self.model, *self.vis_batch, self.out / name)
+            split, L = self.cfg.split, self.cfg.num_patches
+            hidden = L - split.len_keep
+            title = f"{self.args.model}, step {self.step}, epoch {self.epoch}: "
+            if self.cfg.family == "crossmae" and split.n_pred < hidden:
+                title += (f"trained to predict {split.n_pred} of {L} patches, drawn predicting all {hidden} hidden "
+                          "ones (the decoder's queries do not see each other).")
+            else:
+                title += f"predicting the {hidden} hidden patches of {L}."
+            if self.cfg.norm_pix_loss:
+                title += " Norm-pix output: each predicted patch shown with the true patch's mean and std."
+            save_reconstruction_grid(self.model, *self.vis_batch, self.out / name, heldout=self.vis_heldout,
+                                     title=title)
+        save_loss_curve(self.out / "metrics.jsonl", self.out / LOSS_PLOT, norm_pix=self.cfg.norm_pix_loss)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -553,11 +619,13 @@ class Trainer:
                     self.steps_per_epoch)
         logger.info("base lr %.3g, actual lr %.3g, effective batch %d (%d x %d accumulation x %d processes)",
                     args.blr, self.lr, self.eff_batch, args.batch_size, args.accum_iter, self.dist.world_size)
+        self._backend_notice()
         if self.step >= self.total_steps:
             logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
             return 0
         log = MetricsLog(self.out, is_main, args.tensorboard, resume_step=self.step)
         bar = ProgressBar(self.total_steps, self.step, is_main)
+        self.started = (time.perf_counter(), self.step)
         try:
             with StopRequest() as stop:
                 status = self._loop(log, bar, stop)
@@ -566,13 +634,36 @@ class Trainer:
             log.close()
         if status == 0 and is_main:
             self.reconstruction("reconstruction-final.png")
-            logger.info("done: step %d, epoch %d; outputs in %s", self.step, self.epoch, self.out)
+            self._final_summary()
         return status
+
+    def _backend_notice(self) -> None:
+        """--backend triton where Triton cannot run (a CPU without TRITON_INTERPRET=1): the model's ops fall
+        back to the PyTorch references, which the run says once instead of claiming the kernels."""
+        if self.cfg.backend != "triton":
+            return
+        import kernels
+
+        if not kernels.triton_can_run(torch.empty(0, device=self.device)):
+            logger.warning("--backend triton: Triton kernels cannot run on %s here (no CUDA GPU, TRITON_INTERPRET "
+                           "unset), so the PyTorch reference ops run instead (same results, usually slower); use "
+                           "--backend torch to say so, or a GPU for the kernels", self.device)
+
+    def _final_summary(self) -> None:
+        seconds = time.perf_counter() - self.started[0]
+        steps = self.step - self.started[1]
+        first, last = self.loss_range
+        losses = f"loss {first:.4f} -> {last:.4f} (first and last logged)" if first is not None else "no loss logged"
+        written = [LAST, "metrics.jsonl", "reconstruction-final.png", LOSS_PLOT]
+        logger.info("finished: %d steps (%d this run) in %s, %d images seen this run; %s; files in %s: %s",
+                    self.step, steps, format_duration(seconds), steps * self.eff_batch, losses, self.out,
+                    ", ".join(name for name in written if (self.out / name).exists()))
 
     def _loop(self, log: MetricsLog, bar: ProgressBar, stop: StopRequest) -> int:
         """0 when done, 130 when stopped on request (saved), 1 on a non-finite loss (not saved)."""
         args = self.args
         loss_sum = torch.zeros((), device=self.device)
+        summary = Summary(self.device, self.step)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         window = Window()
         self.net.train()
@@ -591,6 +682,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     return self._save_and_stop(bad_step)
                 loss_sum += loss
+                summary.add(loss)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
                 self.step += 1
                 self.batch_in_epoch += args.accum_iter
@@ -617,7 +709,20 @@ class Trainer:
                     return 1
                 if self.dist.is_main and args.recon_every and self.epoch % args.recon_every == 0:
                     self.reconstruction(f"reconstruction-ep{self.epoch:04d}.png")
+                if self.step - summary.first_step >= SUMMARY_MIN_STEPS or self.step >= self.total_steps:
+                    self._summary_line(summary)
+                    summary = Summary(self.device, self.step)
         return 0 if self._checked_save(bad_step) else 1
+
+    def _summary_line(self, summary: Summary) -> None:
+        """One line that stays on screen above the bar: the epochs just finished. Collective under DDP."""
+        loss = distributed.mean_across_ranks(summary.loss_sum / (summary.steps * self.args.accum_iter)).item()
+        seconds = time.perf_counter() - summary.start
+        img_per_s = summary.steps * self.eff_batch / max(seconds, 1e-9)
+        logger.info("epoch %d/%d  step %d/%d  loss %.4f (mean of steps %d-%d)  lr %.2e  %.0f img/s  elapsed %s",
+                    self.epoch, self.args.epochs, self.step, self.total_steps, loss, summary.first_step + 1,
+                    self.step, self.optimizer.param_groups[0]["lr"], img_per_s,
+                    format_duration(time.perf_counter() - self.started[0]))
 
     def _save_and_stop(self, bad_step: torch.Tensor) -> int:
         if not self._checked_save(bad_step):
@@ -662,11 +767,33 @@ class Trainer:
             if self.peak:
                 record["mfu"] = round(self.flops_per_image * img_per_s / (self.peak * self.dist.world_size), 4)
         log.write(record)
-        stats = f"loss {loss:.4f}  lr {record['lr']:.2e}  {img_per_s:.0f} img/s  data wait {record['data_wait']:.0%}"
+        first = self.loss_range[0]
+        self.loss_range = (loss if first is None else first, loss)
+        stats = (f"epoch {record['epoch']:.2f}  loss {loss:.4f}  lr {record['lr']:.2e}  {img_per_s:.0f} img/s  "
+                 f"data wait {record['data_wait']:.0%}")
         bar.show(stats)
         if bar.progress is None:
-            logger.info("step %d/%d  epoch %.2f  %s", self.step, self.total_steps, record["epoch"], stats)
+            logger.info("step %d/%d  %s", self.step, self.total_steps, stats)
         return True
+
+
+class Summary:
+    """The loss (summed on the device: no host sync per step), steps and time since the last summary line."""
+
+    def __init__(self, device: torch.device, first_step: int):
+        self.loss_sum = torch.zeros((), device=device)
+        self.first_step, self.steps, self.start = first_step, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+
+def format_duration(seconds: float) -> str:
+    """2:05 or 1:02:05."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Window:
