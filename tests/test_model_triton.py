@@ -89,11 +89,18 @@ def test_triton_backend_reconstruction_matches_torch():
 @pytest.mark.parametrize("name", [TINY, TINY_MAE])
 def test_triton_backend_fp16_autocast(name):
     """The low-precision path (fp16 residual stream, weights cast in one multi-tensor copy, fp32 gradients of
-    fp32 parameters) against autocast of the reference, within fp16 tolerance. On a CPU this runs the kernels
-    in the interpreter, whose fp16 arithmetic is right (its bf16 is not: the bf16 test below needs a GPU)."""
+    fp32 parameters) under fp16 autocast. Against the fp32 truth, every gradient of the fused path is within
+    fp16's tolerance (4e-3 of its largest value) or within twice the error of the reference under the same
+    autocast. On a CPU the kernels run in the interpreter, whose fp16 arithmetic is right (its bf16 is not:
+    the bf16 test below needs a GPU)."""
+    torch.manual_seed(0)
     ref, fused = twin_models(name)
     g = torch.Generator().manual_seed(3)
     imgs, noise = torch.randn(4, 3, 64, 64, generator=g).to(DEVICE), torch.rand(4, 64, generator=g).to(DEVICE)
+    truth = ref(imgs, noise)
+    truth.loss.backward()
+    true_grads = {k: p.grad.clone() for k, p in ref.named_parameters()}
+    ref.zero_grad(set_to_none=True)
     outs = []
     for model in (ref, fused):
         with torch.autocast(DEVICE.type, dtype=torch.float16):
@@ -101,11 +108,13 @@ def test_triton_backend_fp16_autocast(name):
         out.loss.backward()
         outs.append(out)
     assert outs[1].pred.dtype == torch.float16
-    assert abs(outs[1].loss.item() - outs[0].loss.item()) / outs[0].loss.item() < 4e-3
+    assert abs(outs[1].loss.item() - truth.loss.item()) / truth.loss.item() < 4e-3
     fused_params = dict(fused.named_parameters())
     for k, p in ref.named_parameters():
         assert fused_params[k].grad.dtype == p.dtype == torch.float32, k
-        assert rel_err(fused_params[k].grad, p.grad) < 4e-3, k
+        true = true_grads[k]
+        err, ref_err = (fused_params[k].grad - true).abs().max(), (p.grad - true).abs().max()
+        assert err <= max(4e-3 * true.abs().max(), 2 * ref_err), (k, err.item(), ref_err.item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU")
