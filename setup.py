@@ -16,6 +16,7 @@ setup(
         "rich",
         "safetensors",  # timm-layout encoder export and import (model/timm_format.py); no torch dependency
         "scikit-image",  # its wheel carries the photographs of the embedded demo dataset
+        "matplotlib",  # the loss curve (train/visualize.py); its wheel carries one of the demo's photographs
     ],
     extras_require={
         "kernels": ["triton>=3.6"],

@@ -49,7 +49,7 @@ def test_help_shows_every_default_exactly_once(monkeypatch):
     for flag in flags:
         assert blocks[flag].count("(default") == 1, blocks[flag]
     assert "(default: 4096)" in blocks["--synthetic_images"]
-    assert "(default: 40)" in blocks["--epochs"] and "(default: the model's)" in blocks["--img_size"]
+    assert "(default: 40)" in blocks["--epochs"] and "(default: the model's; 48 for the demo" in blocks["--img_size"]
 
 
 def _write_images(folder: pathlib.Path, names: list[str]) -> None:

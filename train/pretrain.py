@@ -68,9 +68,12 @@ DEFAULT_MODEL = "crossmae_vit_tiny_patch8"
 VIS_IMAGES = 8
 VIS_HELDOUT = 4  # of VIS_IMAGES, drawn from the demo's held-out photos when the run reads the demo
 BLR = 1.5e-4  # the paper's base lr
-# The demo's lr: the linear rule gives 1.25e-5 for a batch of 64, far below where a 200-step run learns
-# anything (the loss ended at 0.91 with it); an absolute lr replaces the rule for the demo only.
+# The demo recipe, for flags left unset with --data_path demo (logged when used). lr: the linear rule gives
+# 1.25e-5 for a batch of 64, far too low for a 200-step run (the loss ended at 0.91 with it; 0.6 with 1e-3).
+# Size: 48-pixel crops in 4-pixel patches (144 patches, 36 seen) instead of the tiny model's 64 / 8 (64
+# patches): the grid then shows shapes rather than a coarse mosaic, at about twice the cost of a step.
 DEMO_LR = 1e-3
+DEMO_IMG_SIZE, DEMO_PATCH_SIZE = 48, 4
 SYNTHETIC_IMAGES = 4096
 LOSS_PLOT = "loss.png"
 SUMMARY_MIN_STEPS = 50  # a summary line covers whole epochs and at least this many steps (or the run's end)
@@ -82,7 +85,7 @@ EXPERIMENT_FLAGS = ("batch_size", "accum_iter", "seed", "blr", "lr", "min_lr", "
 # Flags that only shape the model (compared through the config) or that a resume is expected to change.
 MODEL_FLAGS = ("model", "img_size", "patch_size", "decoder_depth", "mask_ratio", "kept_mask_ratio", "norm_pix_loss",
                "backend")
-NOT_COMPARED = ("resume", "max_steps", "data_root", "init_encoder")  # init_encoder: unused on resume
+NOT_COMPARED = ("resume", "max_steps", "data_root", "init_encoder", "demo_recipe")  # init_encoder: unused on resume
 # Model config fields that change the implementation, not the function it computes: a warning only.
 CONFIG_IMPLEMENTATION = ("backend",)
 
@@ -104,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsOnceHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(list_models())}")
-    m.add_argument("--img_size", type=int, default=None, help="input size (default: the model's)")
-    m.add_argument("--patch_size", type=int, default=None, help="patch size (default: the model's)")
+    m.add_argument("--img_size", type=int, default=None,
+                   help=f"input size (default: the model's; {DEMO_IMG_SIZE} for the demo, see --data_path)")
+    m.add_argument("--patch_size", type=int, default=None,
+                   help=f"patch size (default: the model's; {DEMO_PATCH_SIZE} for the demo, see --data_path)")
     m.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of the patches the encoder does not see")
     m.add_argument("--kept_mask_ratio", type=float, default=0.25,
                    help="CrossMAE's prediction ratio gamma (fraction of all patches); ignored for MAE")
@@ -136,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data_path", default="demo",
                    help="a folder of images, read recursively (flat or in sub-folders), 'demo' (the embedded "
-                        "photos), or 'synthetic'")
+                        f"photos; unless given, the default model then runs at --img_size {DEMO_IMG_SIZE} "
+                        f"--patch_size {DEMO_PATCH_SIZE} and --lr {DEMO_LR}), or 'synthetic'")
     d.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto",
                    help="auto: dali if it imports, else torch; synthetic: random images, no files")
     d.add_argument("--synthetic_images", type=int, default=SYNTHETIC_IMAGES,
@@ -149,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the encoder from these weights: timm ViT (.safetensors or .pth, e.g. from "
                         "train.export) or a pre-training checkpoint; ignored when the run resumes (default: none)")
     r.add_argument("--seed", type=int, default=0, help="data order, crops, masks and initialisation")
-    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="training device (default: cuda if available)")
+    r.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="training device (default: cuda if available)")
     r.add_argument("--save_every", type=int, default=500, help="write checkpoint-last every N steps (and per epoch)")
     r.add_argument("--keep_every", type=int, default=50, help="keep checkpoint-<epoch>.pth every N epochs")
-    r.add_argument("--log_every", type=int, default=10, help="log every N steps (with the summary lines, the only host syncs)")
+    r.add_argument("--log_every", type=int, default=10,
+                   help="log every N steps (with the summary lines, the only host syncs)")
     r.add_argument("--recon_every", type=int, default=10,
                    help="reconstruction grid and loss curve every N epochs (and at the end)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
@@ -174,8 +182,15 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ModelCon
         value = getattr(args, name)
         if value is not None and (value < 0 or not math.isfinite(value)):
             p.error(f"--{name} must be a finite number >= 0, got {value}")
-    if args.lr is None and args.blr is None and str(args.data_path) == "demo":
-        args.lr = DEMO_LR
+    demo = []
+    if str(args.data_path) == "demo":
+        if args.lr is None and args.blr is None:
+            args.lr = DEMO_LR
+            demo.append(f"--lr {DEMO_LR}")
+        if args.model == DEFAULT_MODEL and args.img_size is None and args.patch_size is None:
+            args.img_size, args.patch_size = DEMO_IMG_SIZE, DEMO_PATCH_SIZE
+            demo.append(f"--img_size {DEMO_IMG_SIZE} --patch_size {DEMO_PATCH_SIZE}")
+    args.demo_recipe = " ".join(demo)  # logged by the run
     if args.blr is None:
         args.blr = BLR
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -564,7 +579,8 @@ class Trainer:
         if self.vis_batch is not None:
             split, L = self.cfg.split, self.cfg.num_patches
             hidden = L - split.len_keep
-            title = f"{self.args.model}, step {self.step}, epoch {self.epoch}: "
+            title = (f"{self.args.model} on {self.cfg.img_size}-pixel crops, {self.cfg.patch_size}-pixel patches, "
+                     f"step {self.step}, epoch {self.epoch}: ")
             if self.cfg.family == "crossmae" and split.n_pred < hidden:
                 title += (f"trained to predict {split.n_pred} of {L} patches, drawn predicting all {hidden} hidden "
                           "ones (the decoder's queries do not see each other).")
@@ -619,6 +635,9 @@ class Trainer:
                     self.steps_per_epoch)
         logger.info("base lr %.3g, actual lr %.3g, effective batch %d (%d x %d accumulation x %d processes)",
                     args.blr, self.lr, self.eff_batch, args.batch_size, args.accum_iter, self.dist.world_size)
+        if getattr(args, "demo_recipe", ""):
+            logger.info("demo recipe (flags not given): %s, %d-pixel crops in %d patches", args.demo_recipe,
+                        self.cfg.img_size, self.cfg.num_patches)
         self._backend_notice()
         if self.step >= self.total_steps:
             logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
@@ -712,6 +731,8 @@ class Trainer:
                 if self.step - summary.first_step >= SUMMARY_MIN_STEPS or self.step >= self.total_steps:
                     self._summary_line(summary)
                     summary = Summary(self.device, self.step)
+        if summary.steps:  # --max_steps ended the run inside an epoch
+            self._summary_line(summary)
         return 0 if self._checked_save(bad_step) else 1
 
     def _summary_line(self, summary: Summary) -> None:
