@@ -58,6 +58,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
     assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g} (max |ref| {scale:.3g})"
 
 
+def assert_compiled_matches_eager(fn, args, leaves, backend: str = "aot_eager") -> None:
+    """torch.compile(fn, fullgraph=True) (a graph break raises) gives eager's value and gradients to 1e-5."""
+    eager = fn(*args)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    assert_close(compiled, eager, 1e-5, "loss")
+    for i, (g, w) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
+        assert_close(g, w, 1e-5, f"grad {i}")
+
+
 def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, inputs, dout)
 

@@ -18,6 +18,7 @@ from kernel_helpers import (
     GPU_DTYPES,
     RTOL,
     assert_close,
+    assert_compiled_matches_eager,
     attn_inputs,
     gpu,
     grads,
@@ -316,13 +317,7 @@ def test_packed_ops_compile_fullgraph():
 
     inputs = [leaf(torch.randn(B, N, 24, device=DEVICE)), leaf(torch.randn(24, 3 * H * d, device=DEVICE) / 5),
               leaf(torch.randn(B, Nq, H * d, device=DEVICE)), leaf(torch.randn(H * d, 2 * H * d, device=DEVICE) / 6)]
-    eager = step(*inputs)
-    eager_grads = torch.autograd.grad(eager, inputs)
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*inputs)
-    compiled_grads = torch.autograd.grad(compiled, inputs)
-    assert_close(compiled, eager, 1e-5, "loss")
-    for i, (g, w) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
-        assert_close(g, w, 1e-5, f"grad {i}")
+    assert_compiled_matches_eager(step, inputs, inputs, backend="aot_eager")
 
 
 def test_packed_ops_fall_back_to_reference(monkeypatch):

@@ -9,7 +9,19 @@ import pytest
 import torch
 
 import kernels
-from kernel_helpers import CUDA, DEVICE, GPU_DTYPES, RTOL, assert_close, gpu, grads, leaf, requires_kernels, reseed
+from kernel_helpers import (
+    CUDA,
+    DEVICE,
+    GPU_DTYPES,
+    RTOL,
+    assert_close,
+    assert_compiled_matches_eager,
+    gpu,
+    grads,
+    leaf,
+    requires_kernels,
+    reseed,
+)
 from kernels import _runtime
 from kernels import reference as ref
 from kernels.bias_gelu import bias_gelu_backward, bias_gelu_forward
@@ -163,13 +175,7 @@ def test_under_torch_compile():
     b1 = torch.randn(40, device=DEVICE, requires_grad=True)
     w2 = torch.randn(16, 40, device=DEVICE, requires_grad=True)
     leaves = (x, w1, b1, w2)
-    eager = mlp(*leaves)
-    eager_grads = torch.autograd.grad(eager, leaves)
-    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)(*leaves)
-    compiled_grads = torch.autograd.grad(compiled, leaves)
-    assert_close(compiled, eager, 1e-5, "loss")
-    for i, (g, w) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
-        assert_close(g, w, 1e-5, f"grad {i}")
+    assert_compiled_matches_eager(mlp, leaves, leaves, backend="aot_eager")
 
 
 def test_rejects_bad_inputs():

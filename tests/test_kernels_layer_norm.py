@@ -11,7 +11,19 @@ import pytest
 import torch
 
 import kernels
-from kernel_helpers import CUDA, DEVICE, GPU_DTYPES, RTOL, assert_close, gpu, grads, leaf, requires_kernels, reseed
+from kernel_helpers import (
+    CUDA,
+    DEVICE,
+    GPU_DTYPES,
+    RTOL,
+    assert_close,
+    assert_compiled_matches_eager,
+    gpu,
+    grads,
+    leaf,
+    requires_kernels,
+    reseed,
+)
 from kernels import reference as ref
 from kernels.layer_norm import add_layer_norm_forward, layer_norm_backward, layer_norm_forward
 
@@ -241,13 +253,7 @@ def test_under_torch_compile(backend):
         return (kernels.layer_norm(y2, w1, b2) * y).sum() + h.square().mean()
 
     inputs = [_x((2, 7, C)), _x((2, 7, C)), *_params(C), *_params(C), leaf(torch.randn(C, C, device=DEVICE) / 8)]
-    eager = block(*inputs)
-    eager_grads = torch.autograd.grad(eager, inputs)
-    compiled = torch.compile(block, backend=backend, fullgraph=True)(*inputs)
-    compiled_grads = torch.autograd.grad(compiled, inputs)
-    assert_close(compiled, eager, 1e-5, "loss")
-    for i, (g, w) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
-        assert_close(g, w, 1e-5, f"grad {i}")
+    assert_compiled_matches_eager(block, inputs, inputs, backend=backend)
 
 
 def test_fallback_to_reference_without_triton(monkeypatch):

@@ -14,7 +14,7 @@ import kernels
 from kernel_helpers import (
     CUDA,
     DEVICE,
-    assert_close,
+    assert_compiled_matches_eager,
     attn_inputs,
     distinct_ids,
     leaf,
@@ -168,13 +168,7 @@ def test_ops_under_torch_compile(backend):
               *mix_inputs(4, B * n, C, 2), torch.randn(B, 3, 8, 12, device=DEVICE),
               leaf(torch.randn(L, C, device=DEVICE))]
     leaves = [t for t in inputs if t.requires_grad]
-    eager = step(*inputs)
-    eager_grads = torch.autograd.grad(eager, leaves)
-    compiled = torch.compile(step, backend=backend, fullgraph=True)(*inputs)
-    compiled_grads = torch.autograd.grad(compiled, leaves)
-    assert_close(compiled, eager, 1e-5, "loss")
-    for i, (g, w) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
-        assert_close(g, w, 1e-5, f"grad {i}")
+    assert_compiled_matches_eager(step, inputs, leaves, backend=backend)
 
 
 def test_fallback_to_reference_without_triton(monkeypatch):
