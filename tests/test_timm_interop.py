@@ -148,10 +148,12 @@ def test_default_run_exports_reimports_and_matches_bit_exactly(default_run, tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "load it in timm with" in result.stdout and "fc_norm: identity" in result.stdout
     meta = json.loads((tmp_path / "timm" / export.META).read_text())
+    cfg = ckpt["model_config"]  # the default run's demo recipe picks its own image and patch size
+    size, patch = cfg["img_size"], cfg["patch_size"]
     assert meta["timm_model"] == "vit_tiny_patch16_224"
-    assert meta["timm_kwargs"] == {"patch_size": 8, "depth": 6, "img_size": 64, "num_classes": 0,
+    assert meta["timm_kwargs"] == {"patch_size": patch, "depth": 6, "img_size": size, "num_classes": 0,
                                    "global_pool": "avg"}
-    assert meta["img_size"] == 64 and any("64 px, not 224" in n for n in meta["notes"])
+    assert meta["img_size"] == size and any(f"{size} px, not 224" in n for n in meta["notes"])
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["source"]["kind"] == "train.pretrain checkpoint" and meta["source"]["step"] == 1
     assert meta["source"]["model"] == "crossmae_vit_tiny_patch8" and len(meta["source"]["sha256"]) == 64
@@ -164,17 +166,16 @@ def test_default_run_exports_reimports_and_matches_bit_exactly(default_run, tmp_
     assert len(state) == 4 + 6 * 12 + 2
 
     # Back into a pre-training model and into a classifier: every encoder tensor bit-exact.
-    cfg = ckpt["model_config"]
-    pre = create_model("crossmae_vit_tiny_patch8", img_size=cfg["img_size"])
+    pre = create_model("crossmae_vit_tiny_patch8", img_size=size, patch_size=patch)
     assert load_encoder_weights(pre, weights) == ["fc_norm.bias", "fc_norm.weight"]
-    clf = create_classifier("vit_tiny_patch8", num_classes=5, img_size=64)
+    clf = create_classifier("vit_tiny_patch8", num_classes=5, img_size=size, patch_size=patch)
     assert load_encoder_weights(clf, weights) == []
     for model in (pre, clf):
         for k, v in encoder_state(model).items():
             assert torch.equal(v, ckpt["model"][k]), k
     assert torch.equal(clf.fc_norm.weight, torch.ones(192))
     # And out again: the same file content.
-    again, _ = to_timm(pre.state_dict())
+    again, _ = to_timm(pre.state_dict(), num_heads=cfg["num_heads"])  # a bare state dict records no head count
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state if "fc_norm" not in k)
 
 
