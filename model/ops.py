@@ -249,9 +249,13 @@ class FusedOps(ReferenceOps):
 
     def with_compute_weights(self, model, fn, *args):
         # Eager autocast casts each weight when a matmul first reads it and each gradient back: two launches
-        # per parameter (about 350 of a ViT-B step's 1,100). One multi-tensor copy each way does the same work.
+        # per parameter (about 350 of a ViT-B step's 1,100). One multi-tensor copy each way does the same work,
+        # but hands every gradient over at the end of the backward pass: data-parallel runs keep the
+        # per-parameter casts, so that their gradient all-reduce still overlaps the backward pass.
         device = next(model.parameters()).device
-        if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device.type):
+        data_parallel = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if torch.compiler.is_compiling() or data_parallel or not torch.is_autocast_enabled(device.type):
             return fn(*args)
         dtype = torch.get_autocast_dtype(device.type)
         params = {name: p for name, p in matmul_parameters(model).items() if p.dtype != dtype}
