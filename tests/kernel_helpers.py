@@ -73,6 +73,15 @@ def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tenso
     return torch.autograd.grad(out, inputs, dout)
 
 
+def nan_filled(alloc):
+    """``alloc`` (torch.empty, torch.empty_like...) whose buffers start as NaN: monkeypatched in, it shows that a
+    kernel writes every element of its outputs and partial sums."""
+    def empty(*args, **kwargs):
+        return alloc(*args, **kwargs).fill_(float("nan"))
+
+    return empty
+
+
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()
 

@@ -19,6 +19,7 @@ from kernel_helpers import (
     gpu,
     grads,
     leaf,
+    nan_filled,
     requires_kernels,
     reseed,
 )
@@ -137,20 +138,13 @@ def test_raw_ops():
     assert_close(dbias, want[1], RTOL[torch.float16], "dbias")
 
 
-def _poisoned(real):
-    def empty(*args, **kwargs):
-        return real(*args, **kwargs).fill_(float("nan"))
-
-    return empty
-
-
 def test_every_output_element_is_written(monkeypatch):
     """NaN-filled torch.empty / empty_like buffers (outputs and partial sums) never leak into the results."""
     x, bias = (t.detach() for t in _inputs((3, 7, 600)))
     dout = torch.randn_like(x)
     clean = (bias_gelu_forward(x, bias), *bias_gelu_backward(dout, x, bias, row_groups=3))
-    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
+    monkeypatch.setattr(torch, "empty", nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", nan_filled(torch.empty_like))
     poisoned = (bias_gelu_forward(x, bias), *bias_gelu_backward(dout, x, bias, row_groups=3))
     monkeypatch.undo()
     for name, a, b in zip(("out", "dx", "dbias"), poisoned, clean, strict=True):

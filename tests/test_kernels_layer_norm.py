@@ -21,6 +21,7 @@ from kernel_helpers import (
     gpu,
     grads,
     leaf,
+    nan_filled,
     requires_kernels,
     reseed,
 )
@@ -179,13 +180,6 @@ def test_backward_partial_sums(programs):
     assert_close(got[2], want[2], 1e-4, "dbias")
 
 
-def _poisoned(real):
-    def empty(*args, **kwargs):
-        return real(*args, **kwargs).fill_(float("nan"))
-
-    return empty
-
-
 def test_every_output_element_is_written(monkeypatch):
     """torch.empty hands the host functions NaN-filled buffers: none may survive (outputs and partial sums)."""
     x, branch = torch.randn(37, 200, device=DEVICE), torch.randn(37, 200, device=DEVICE)
@@ -197,7 +191,7 @@ def test_every_output_element_is_written(monkeypatch):
                 *layer_norm_forward(x, weight, bias, 1e-6))
 
     clean = run()
-    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty", nan_filled(torch.empty))
     poisoned = run()
     monkeypatch.undo()
     for i, (a, b) in enumerate(zip(poisoned, clean, strict=True)):

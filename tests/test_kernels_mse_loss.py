@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernel_helpers import CUDA, DEVICE, GPU_DTYPES, RTOL, assert_close, gpu, leaf, requires_kernels, reseed
+from kernel_helpers import CUDA, DEVICE, GPU_DTYPES, RTOL, assert_close, gpu, leaf, nan_filled, requires_kernels, reseed
 from kernels import _runtime
 from kernels import reference as ref
 from kernels.mse_loss import mse_loss_backward, mse_loss_forward
@@ -84,19 +84,12 @@ def test_mse_loss_is_deterministic():
     assert torch.equal(kernels.mse_loss(pred, target), kernels.mse_loss(pred, target))
 
 
-def _poisoned(real):
-    def empty(*args, **kwargs):
-        return real(*args, **kwargs).fill_(float("nan"))
-
-    return empty
-
-
 def test_every_output_element_is_written(monkeypatch):
     """NaN-filled torch.empty buffers (loss, partials, dpred) never leak into the results."""
     pred, target = (t.detach() for t in _inputs((3, 5, 600)))
     grad = torch.tensor(0.5, device=DEVICE)
     clean = (mse_loss_forward(pred, target, programs=2), mse_loss_backward(grad, pred, target))
-    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty", nan_filled(torch.empty))
     poisoned = (mse_loss_forward(pred, target, programs=2), mse_loss_backward(grad, pred, target))
     monkeypatch.undo()
     for name, a, b in zip(("loss", "dpred"), poisoned, clean, strict=True):

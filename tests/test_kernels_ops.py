@@ -19,6 +19,7 @@ from kernel_helpers import (
     distinct_ids,
     leaf,
     mix_inputs,
+    nan_filled,
     requires_kernels,
     reseed,
 )
@@ -67,21 +68,13 @@ def _run_case(fn, inputs):
     return outs
 
 
-def _poisoned(real):
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7777)
-
-    return empty
-
-
 @pytest.mark.parametrize("case", list(_small_cases()))
 def test_every_output_element_is_written(case, monkeypatch):
     """torch.empty / empty_like hand the kernels NaN-filled buffers (and -7777 for ints): none may survive."""
     fn, inputs = _small_cases()[case]
     clean = _run_case(fn, inputs)
-    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
+    monkeypatch.setattr(torch, "empty", nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", nan_filled(torch.empty_like))
     poisoned = _run_case(fn, inputs)
     monkeypatch.undo()
     for i, (a, b) in enumerate(zip(poisoned, clean, strict=True)):
