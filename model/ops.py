@@ -258,7 +258,11 @@ class FusedOps(ReferenceOps):
         if torch.compiler.is_compiling() or data_parallel or not torch.is_autocast_enabled(device.type):
             return fn(*args)
         dtype = torch.get_autocast_dtype(device.type)
-        params = {name: p for name, p in matmul_parameters(model).items() if p.dtype != dtype}
+        names = getattr(model, "_matmul_parameter_names", None)
+        if names is None:  # the module tree is fixed after construction: walk it once, not every step
+            names = model._matmul_parameter_names = tuple(matmul_parameters(model))
+        all_params = dict(model.named_parameters())
+        params = {name: all_params[name] for name in names if all_params[name].dtype != dtype}
         if not params:
             return fn(*args)
         cast = _CastParameters.apply(dtype, *params.values())
