@@ -24,7 +24,7 @@ from PIL import Image
 from bench.machine import machine_facts as common_machine_facts
 from bench.results import write_results
 from train.data import build_loader, dali_available, resolve_data_path
-from train.demo_data import source_photos
+from train.data.demo import source_photos
 
 CPUS = os.cpu_count() or 1
 HAS_GPU = torch.cuda.is_available()

@@ -12,9 +12,9 @@ import torch
 from model import create_classifier, create_model, load_encoder
 from test_official import fake_checkpoint
 from train import classify
-from train.augment import mixup_cutmix, rand_augment, random_erase, smooth_one_hot, soft_target_cross_entropy
 from train.checkpoint import LAST
 from train.data import build_loader, resolve_data_path
+from train.data.augment import mixup_cutmix, rand_augment, random_erase, smooth_one_hot, soft_target_cross_entropy
 from train.optim import LARS, layer_decay_groups
 
 QUICK = ["--img_size", "16", "--batch_size", "128", "--num_workers", "0", "--data_backend", "torch", "--epochs", "2",

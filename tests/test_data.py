@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from train import data as data_mod
-from train import data_index, demo_data
 from train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,7 +26,9 @@ from train.data import (
     resolve_data_path,
     scan_image_folder,
 )
-from train.data_plan import (
+from train.data import demo as demo_data
+from train.data import index as data_index
+from train.data.plan import (
     CROP_RATIO,
     RRC_ATTEMPTS,
     EpochPlan,

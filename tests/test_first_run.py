@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import demo_data, pretrain
+from train import pretrain
 from train.data import build_loader, scan_image_folder
+from train.data import demo as demo_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 16 synthetic images in batches of 8 (2 steps per epoch), 16-pixel crops, one decoder block: milliseconds a step.

@@ -32,10 +32,10 @@ from model import classifier_names, create_classifier, read_checkpoint
 from model.official import short_list
 from model.timm_format import encoder_geometry, load_encoder_weights, read_weights, weights_entry
 from train import distributed
-from train.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.checkpoint import LAST, save_atomic
 from train.data import BACKENDS as DATA_BACKENDS
 from train.data import build_loader, resolve_data_path
+from train.data.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.monitor import MetricsLog, setup_logging
 from train.optim import LARS, layer_decay_groups, lr_at, set_scaled_lr
 from train.pretrain import DefaultsOnceHelpFormatter

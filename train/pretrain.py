@@ -371,7 +371,7 @@ class Trainer:
             return None
         heldout = []
         if str(self.args.data_path) == "demo":
-            from train.demo_data import materialize_demo_heldout
+            from train.data.demo import materialize_demo_heldout
 
             heldout = self._vis_images(materialize_demo_heldout(), VIS_HELDOUT)
         imgs = self._vis_images(self.args.data_root, VIS_IMAGES - len(heldout)) + heldout

@@ -24,7 +24,7 @@ any folder of images, read recursively, a flat one included.
 Training batches: RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + horizontal
 flip + ImageNet mean/std. Evaluation batches (train=False): resize the shorter side to
 img_size * 256/224, center crop img_size. The dali and torch backends read the same files in the same
-order with the same crop windows; see train/data_plan.py for the sharding and resumption rules.
+order with the same crop windows; see train/data/plan.py for the sharding and resumption rules.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from train.data_folder import EpochPasses, FolderLoader
-from train.data_index import VALIDATE_MODES, ImageIndex, cache_root, scan_image_folder
-from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
+from train.data.folder import FolderLoader
+from train.data.index import VALIDATE_MODES, ImageIndex, cache_root, scan_image_folder
+from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
+from train.data.synthetic import IMAGENET_TRAIN_SIZE, SyntheticLoader
 
 __all__ = ["BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "FolderLoader", "ImageIndex", "SyntheticLoader",
            "available_backends", "build_loader", "cache_root", "dali_available", "resolve_data_path",
@@ -50,7 +50,6 @@ __all__ = ["BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "FolderLoader", "ImageIn
 logger = logging.getLogger("train.data")
 
 BACKENDS = ("auto", "dali", "torch", "synthetic")
-IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 @functools.cache
@@ -78,11 +77,11 @@ def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
     if data_path is None or str(data_path) == "synthetic":
         return None
     if str(data_path) == "demo":
-        from train.demo_data import materialize_demo
+        from train.data.demo import materialize_demo
 
         return materialize_demo()
     if str(data_path).split("/")[0] == "digits":  # "digits", "digits/train", "digits/val"
-        from train.demo_data import materialize_digits
+        from train.data.demo import materialize_digits
 
         return materialize_digits() / str(data_path)[len("digits"):].lstrip("/")
     path = Path(data_path).expanduser()
@@ -91,45 +90,6 @@ def resolve_data_path(data_path: str | os.PathLike | None) -> Path | None:
                                 f"(<root>/<class>/<image> for fine-tuning and probing), 'demo' for the embedded "
                                 f"photos, or use --data_backend synthetic")
     return path
-
-
-class SyntheticLoader(EpochPasses):
-    """Random normalised images made on `device`: N(0, 1) pixels, the statistics of normalised data.
-
-    Same interface and resumption contract as FolderLoader; batch b of epoch e is a pure function of
-    (seed, rank, epoch, b). labels: random classes in [0, num_classes) with `with_labels`, else the
-    sample's position in the epoch.
-    """
-
-    backend = "synthetic"
-
-    def __init__(self, batch_size: int, img_size: int, device: torch.device, *, num_images: int = IMAGENET_TRAIN_SIZE,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, with_labels: bool = False, num_classes: int = 1000):
-        self.batch_size, self.img_size, self.device = batch_size, img_size, torch.device(device)
-        self.num_images, self.rank, self.world_size, self.seed = num_images, rank, world_size, seed
-        self.with_labels, self.num_classes = with_labels, num_classes
-        self.classes = [str(k) for k in range(num_classes)] if with_labels else []
-        self.skipped: list[str] = []
-        self.files: list[str] = []
-        self._length = num_images // (world_size * batch_size)
-        if self._length == 0:
-            raise ValueError(f"num_images={num_images} is less than batch_size x world_size: raise num_images")
-
-    def __len__(self) -> int:
-        return self._length
-
-    def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator(device=self.device)
-        shape = (self.batch_size, 3, self.img_size, self.img_size)
-        for b in range(start, len(self)):
-            gen.manual_seed(hash((self.seed, self.rank, epoch, b)) & 0x7FFF_FFFF_FFFF_FFFF)  # host-side only
-            images = torch.randn(shape, device=self.device, generator=gen)
-            if self.with_labels:
-                labels = torch.randint(0, self.num_classes, (self.batch_size,), device=self.device, generator=gen)
-            else:
-                first = (b * self.world_size + self.rank) * self.batch_size
-                labels = torch.arange(first, first + self.batch_size, device=self.device)
-            yield images, labels
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -149,7 +109,7 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
     (see resolve_data_path); ignored by the synthetic backend.
     num_workers: DALI threads or DataLoader worker processes (0: in-process).
     num_images: epoch length of the synthetic backend (default ImageNet-1k's 1,281,167).
-    validate: the up-front scan's depth, "decode" or "header" (see train/data_index.py).
+    validate: the up-front scan's depth, "decode" or "header" (see train/data/index.py).
     dali_device: "auto" | "mixed" | "cpu" (DALI only). backend_options go to the backend's loader.
     Raises ValueError naming the argument for invalid arguments, FileNotFoundError for a missing root.
     """
@@ -187,12 +147,12 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
                               classes=with_labels)
     plan = EpochPlan(index.sizes, batch_size, img_size, train=train, rank=rank, world_size=world_size, seed=seed)
     if backend == "dali":
-        from train.data_dali import DaliLoader
+        from train.data.dali_loader import DaliLoader
 
         loader = DaliLoader(index, plan, device, with_labels, num_threads=max(1, num_workers),
                             dali_device=dali_device, **backend_options)
     else:
-        from train.data_torch import TorchLoader
+        from train.data.torch_loader import TorchLoader
 
         loader = TorchLoader(index, plan, device, with_labels, num_workers=num_workers, **backend_options)
     logger.info("%s loader: %d images, %d batches of %d per epoch on rank %d/%d, img_size %d, %s%s",

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from train.data_folder import FolderLoader, normalize_uint8
-from train.data_index import ImageIndex
-from train.data_plan import IMAGENET_MEAN, EpochPlan
+from train.data.folder import FolderLoader, normalize_uint8
+from train.data.index import ImageIndex
+from train.data.plan import IMAGENET_MEAN, EpochPlan
 
 logger = logging.getLogger("train.data")
 

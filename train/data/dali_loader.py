@@ -31,9 +31,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from train.data_folder import FolderLoader
-from train.data_index import ImageIndex
-from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
+from train.data.folder import FolderLoader
+from train.data.index import ImageIndex
+from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 
 logger = logging.getLogger("train.data")
 

@@ -13,7 +13,7 @@ The folder appears atomically: it is written under a temporary name and renamed 
 marker file is written last, so an interrupted build never leaves a half-built cache and racing
 processes (DDP ranks) each either build and rename or find the winner's folder.
 
-    python -m train.demo_data [--out DIR] [--force]
+    python -m train.data.demo [--out DIR] [--force]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.data_index import cache_root
+from train.data.index import cache_root
 
 logger = logging.getLogger("train.data")
 

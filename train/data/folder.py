@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from train.data_index import ImageIndex
-from train.data_plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
+from train.data.index import ImageIndex
+from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 
 logger = logging.getLogger("train.data")
 
