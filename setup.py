@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="CrossMAE pre-training: exact reference model, fused Triton kernels, DALI data loading",
     python_requires=">=3.10",
-    packages=["model", "kernels", "train"],
+    packages=["model", "kernels", "train", "train.config", "train.data"],
     install_requires=[
         # torch is pinned by the install command (README, .ci/run); a range here never pulls a second one.
         "torch>=2.11",
@@ -17,6 +17,7 @@ setup(
         "safetensors",  # timm-layout encoder export and import (model/timm_format.py); no torch dependency
         "scikit-image",  # its wheel carries the photographs of the embedded demo dataset
         "matplotlib",  # the loss curve (train/visualize.py); its wheel carries one of the demo's photographs
+        "pyyaml",  # recipes (configs/*.yaml, --config) and each run's resolved config.yaml (train/config/)
     ],
     extras_require={
         "kernels": ["triton>=3.6"],

@@ -1,13 +1,47 @@
-"""Host-side helpers shared by the kernel files: when Triton can run, block-size arithmetic, dot precision.
+"""Host-side helpers shared by the kernel files: Triton or its stand-in, when Triton can run, block-size
+arithmetic, dot precision, input checks.
 
 Nothing here launches a kernel or touches a GPU driver at import time, so `import kernels` works on a
-CPU-only machine (with or without `TRITON_INTERPRET=1`).
+CPU-only machine (with or without `TRITON_INTERPRET=1`) and where triton is not installed at all: then
+`triton` and `tl` below are stand-ins, just enough for the op modules to define (never run) their kernels,
+and every public function falls back to `kernels.reference`.
 """
 
 import functools
+import types
 
 import torch
-import triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS or a CPU-only wheel set: the references stand in for every kernel
+    TRITON_AVAILABLE = False
+
+    class _KernelWithoutTriton:
+        """What `@triton.jit` makes of a kernel when triton is missing: it can be defined, never launched."""
+
+        def __init__(self, fn):
+            self.fn = fn
+            self.__name__ = fn.__name__
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"kernels: cannot launch {self.__name__}: triton is not installed")
+
+    class _Constexpr:
+        """tl.constexpr as an annotation and as `tl.constexpr(value)` for module constants."""
+
+        def __new__(cls, value):
+            return value
+
+    triton = types.SimpleNamespace(
+        jit=_KernelWithoutTriton,
+        cdiv=lambda a, b: -(-a // b),
+        next_power_of_2=lambda n: 1 << max(int(n) - 1, 0).bit_length(),
+    )
+    tl = types.SimpleNamespace(constexpr=_Constexpr)
+else:
+    TRITON_AVAILABLE = True
 
 
 @triton.jit
@@ -23,6 +57,8 @@ INTERPRET: bool = type(_probe).__name__ == "InterpretedFunction"
 
 def triton_can_run(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels can process these tensors: CUDA tensors, or any tensor under the interpreter."""
+    if not TRITON_AVAILABLE:
+        return False
     if INTERPRET:
         return True
     return all(t.is_cuda for t in tensors)
@@ -30,6 +66,12 @@ def triton_can_run(*tensors: torch.Tensor) -> bool:
 
 def require_triton(op: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error when a custom op is called directly on tensors Triton cannot process."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(
+            f"kernels: {op} is a raw Triton op and triton is not installed (`import triton` failed). The public "
+            "functions (kernels.attention, kernels.bias_gelu, ...) fall back to kernels.reference instead; or "
+            "install triton."
+        )
     if not triton_can_run(*tensors):
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(
@@ -73,3 +115,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"kernels.{op}: {name} has dtype {t.dtype}; supported are float16, bfloat16, float32")
+
+
+def check_ids(op: str, ids: torch.Tensor, batch: int | None = None) -> None:
+    """Index tensors of the gathers: (B, n) int64 or int32, B = `batch` when given."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"kernels.{op}: ids must be (B, n) int64 or int32, got {tuple(ids.shape)} {ids.dtype}")
+    if batch is not None and ids.shape[0] != batch:
+        raise ValueError(f"kernels.{op}: ids has batch {ids.shape[0]}, expected {batch}")

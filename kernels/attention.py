@@ -61,18 +61,17 @@ Caveats
     * d 80 pads to 128 lanes (37.5% of every dot wasted); a 128-key single block at d 80 fits only one block
       per SM at 8 warps on sm_90 and spills on sm_80, hence the three-kernel path for the ViT-H encoder.
     * The forward still splits 65 keys into two 64-key blocks (untouched by issue #10).
-    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) the public functions fall back to their
-      twins in `kernels.reference` (same math in PyTorch); the raw custom ops raise instead.
+    * Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) the public functions
+      fall back to their twins in `kernels.reference` (same math in PyTorch); the raw custom ops raise instead.
 """
 
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
-from ._runtime import check_dtype, dot_precision, next_pow2, require_triton, triton_can_run
+from ._custom_op import fused_op, kernel_op
+from ._runtime import check_dtype, dot_precision, next_pow2, tl, triton, triton_can_run
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -628,136 +627,67 @@ def cross_attention_backward(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile, with fake-tensor and autograd registrations)
+# Custom ops (opaque to torch.compile, with fake-tensor and autograd registrations). lse is saved for the backward
+# but not differentiable; its gradient is never materialised (no zero-filled (B, H, L) tensor).
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crossmae::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    require_triton("attention", q, k, v)
-    return attention_forward(q, k, v, scale)
-
-
-@_attention_fwd_op.register_fake
-def _(q, k, v, scale):
+def _out_and_lse_like(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, Lq, H, d = q.shape
     return q.new_empty((B, Lq, H, d)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("crossmae::attention_bwd", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("attention backward", q, k, v)
-    return attention_backward(do, q, k, v, out, lse, scale)
+_attention_bwd_op = kernel_op(
+    "crossmae::attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
+    "(Tensor, Tensor, Tensor)",
+    attention_backward,
+    fake=lambda do, q, k, v, out, lse, scale: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)),
+)
 
+_attention_fwd_op = fused_op(
+    "crossmae::attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)",
+    attention_forward,
+    fake=lambda q, k, v, scale: _out_and_lse_like(q),
+    save=("q", "k", "v", "out", "lse", "scale"),
+    differentiable=("out",),
+    grads=("q", "k", "v"),
+    backward=lambda saved, grad_out: _attention_bwd_op(grad_out, saved.q, saved.k, saved.v, saved.out, saved.lse,
+                                                       saved.scale),
+)
 
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, scale):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+_self_attention_bwd_op = kernel_op(
+    "crossmae::self_attention_bwd(Tensor do, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor",
+    self_attention_backward,
+    fake=lambda do, qkv, out, lse, scale: qkv.new_empty(qkv.shape),  # contiguous, like the real one
+)
 
+_self_attention_fwd_op = fused_op(
+    "crossmae::self_attention_fwd(Tensor qkv, float scale) -> (Tensor out, Tensor lse)",
+    self_attention_forward,
+    fake=lambda qkv, scale: _out_and_lse_like(qkv[:, :, 0]),
+    save=("qkv", "out", "lse", "scale"),
+    differentiable=("out",),
+    grads=("qkv",),
+    backward=lambda saved, grad_out: _self_attention_bwd_op(grad_out, saved.qkv, saved.out, saved.lse, saved.scale),
+)
 
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
+_cross_attention_bwd_op = kernel_op(
+    "crossmae::cross_attention_bwd(Tensor do, Tensor q, Tensor kv, Tensor out, Tensor lse, float scale) -> "
+    "(Tensor, Tensor)",
+    cross_attention_backward,
+    fake=lambda do, q, kv, out, lse, scale: (q.new_empty(q.shape), kv.new_empty(kv.shape)),
+)
 
-
-def _attention_backward_formula(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-_attention_fwd_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
-
-
-@torch.library.custom_op("crossmae::self_attention_fwd", mutates_args=())
-def _self_attention_fwd_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    require_triton("self_attention", qkv)
-    return self_attention_forward(qkv, scale)
-
-
-@_self_attention_fwd_op.register_fake
-def _(qkv, scale):
-    B, N, _, H, d = qkv.shape
-    return qkv.new_empty((B, N, H, d)), qkv.new_empty((B, H, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("crossmae::self_attention_bwd", mutates_args=())
-def _self_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    require_triton("self_attention backward", qkv)
-    return self_attention_backward(do, qkv, out, lse, scale)
-
-
-@_self_attention_bwd_op.register_fake
-def _(do, qkv, out, lse, scale):
-    return qkv.new_empty(qkv.shape)  # contiguous, like the real one
-
-
-def _self_attention_setup_context(ctx, inputs, output):
-    qkv, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
-
-
-def _self_attention_backward_formula(ctx, grad_out, grad_lse):
-    qkv, out, lse = ctx.saved_tensors
-    return _self_attention_bwd_op(grad_out, qkv, out, lse, ctx.scale), None
-
-
-_self_attention_fwd_op.register_autograd(_self_attention_backward_formula,
-                                         setup_context=_self_attention_setup_context)
-
-
-@torch.library.custom_op("crossmae::cross_attention_fwd", mutates_args=())
-def _cross_attention_fwd_op(q: torch.Tensor, kv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    require_triton("cross_attention", q, kv)
-    return cross_attention_forward(q, kv, scale)
-
-
-@_cross_attention_fwd_op.register_fake
-def _(q, kv, scale):
-    B, Lq, H, d = q.shape
-    return q.new_empty((B, Lq, H, d)), q.new_empty((B, H, Lq), dtype=torch.float32)
-
-
-@torch.library.custom_op("crossmae::cross_attention_bwd", mutates_args=())
-def _cross_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor,
-                            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    require_triton("cross_attention backward", q, kv)
-    return cross_attention_backward(do, q, kv, out, lse, scale)
-
-
-@_cross_attention_bwd_op.register_fake
-def _(do, q, kv, out, lse, scale):
-    return q.new_empty(q.shape), kv.new_empty(kv.shape)
-
-
-def _cross_attention_setup_context(ctx, inputs, output):
-    q, kv, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, kv, out, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled (B, H, L) gradient for lse
-
-
-def _cross_attention_backward_formula(ctx, grad_out, grad_lse):
-    q, kv, out, lse = ctx.saved_tensors
-    dq, dkv = _cross_attention_bwd_op(grad_out, q, kv, out, lse, ctx.scale)
-    return dq, dkv, None
-
-
-_cross_attention_fwd_op.register_autograd(_cross_attention_backward_formula,
-                                          setup_context=_cross_attention_setup_context)
+_cross_attention_fwd_op = fused_op(
+    "crossmae::cross_attention_fwd(Tensor q, Tensor kv, float scale) -> (Tensor out, Tensor lse)",
+    cross_attention_forward,
+    fake=lambda q, kv, scale: _out_and_lse_like(q),
+    save=("q", "kv", "out", "lse", "scale"),
+    differentiable=("out",),
+    grads=("q", "kv"),
+    backward=lambda saved, grad_out: _cross_attention_bwd_op(grad_out, saved.q, saved.kv, saved.out, saved.lse,
+                                                             saved.scale),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------

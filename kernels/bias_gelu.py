@@ -35,16 +35,15 @@ Caveats
     * The number of backward row groups depends on the GPU's SM count, so dbias can differ in the last bits
       between GPU models (it is reproducible run to run on one GPU).
     * Row indices are int32 (rows < 2**31); element offsets are int64.
-    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) `bias_gelu` falls back to
+    * Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) `bias_gelu` falls back to
       `kernels.reference.bias_gelu_reference`; the raw custom ops raise instead.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
-from ._runtime import check_dtype, next_pow2, num_sms, require_triton, triton_can_run
+from ._custom_op import fused_op, kernel_op
+from ._runtime import check_dtype, next_pow2, num_sms, tl, triton, triton_can_run
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # jit code may read only constexpr globals
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -198,47 +197,31 @@ def bias_gelu_backward(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Custom ops
+# Custom ops: the raw ops bias_gelu_fwd / bias_gelu_bwd are public (a model's own autograd.Function calls them)
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crossmae::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu(x + bias) in x.dtype (contiguous, x's shape): the forward custom op, no fallback to the reference."""
-    require_triton("bias_gelu", x, bias)
-    return bias_gelu_forward(x, bias)
-
-
-@bias_gelu_fwd.register_fake
-def _(x, bias):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("crossmae::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(dout: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx in x.dtype, dbias in bias.dtype) of out = gelu(x + bias): the backward custom op, no fallback."""
-    require_triton("bias_gelu backward", dout, x, bias)
+def _bias_gelu_bwd_launch(dout: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dbias = bias_gelu_backward(dout, x, bias)
     return dx, dbias.to(bias.dtype)
 
 
-@bias_gelu_bwd.register_fake
-def _(dout, x, bias):
-    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+# (dx in x.dtype, dbias in bias.dtype) of out = gelu(x + bias); no fallback, no autograd of its own
+bias_gelu_bwd = kernel_op(
+    "crossmae::bias_gelu_bwd(Tensor dout, Tensor x, Tensor bias) -> (Tensor, Tensor)",
+    _bias_gelu_bwd_launch,
+    fake=lambda dout, x, bias: (x.new_empty(x.shape), bias.new_empty(bias.shape)),
+)
 
-
-def _bias_gelu_setup_context(ctx, inputs, output):
-    x, bias = inputs
-    ctx.save_for_backward(x, bias)  # not the output: the backward recomputes gelu' from x + bias
-
-
-def _bias_gelu_backward_formula(ctx, grad_out):
-    x, bias = ctx.saved_tensors
-    dx, dbias = bias_gelu_bwd(grad_out, x, bias)
-    return (dx if ctx.needs_input_grad[0] else None), (dbias if ctx.needs_input_grad[1] else None)
-
-
-bias_gelu_fwd.register_autograd(_bias_gelu_backward_formula, setup_context=_bias_gelu_setup_context)
+# gelu(x + bias) in x.dtype (contiguous, x's shape); no fallback; its autograd formula is bias_gelu's
+bias_gelu_fwd = fused_op(
+    "crossmae::bias_gelu_fwd(Tensor x, Tensor bias) -> Tensor out",
+    bias_gelu_forward,
+    fake=lambda x, bias: x.new_empty(x.shape),
+    save=("x", "bias"),  # not the output: the backward recomputes gelu' from x + bias
+    grads=("x", "bias"),
+    backward=lambda saved, grad_out: bias_gelu_bwd(grad_out, saved.x, saved.bias),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------

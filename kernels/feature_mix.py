@@ -41,16 +41,15 @@ Caveats
       traffic. The backward main kernel's 8 warps at ~250 registers run one program per SM at k = 33.
     * The 3xTF32 dot mode ("tf32x3", backward with fp16/bf16 inputs) has not been run on a GPU yet; if it
       fails there, `kernels._runtime.dot_precision` is the one switch (to "ieee": exact, slower).
-    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) `feature_mix_layernorm` falls back to
-      `kernels.reference.feature_mix_layernorm_reference`; the raw custom ops raise instead.
+    * Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) `feature_mix_layernorm`
+      falls back to `kernels.reference.feature_mix_layernorm_reference`; the raw custom ops raise instead.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
-from ._runtime import check_dtype, dot_precision, next_pow2, num_sms, require_triton, triton_can_run
+from ._custom_op import fused_op, kernel_op
+from ._runtime import check_dtype, dot_precision, next_pow2, num_sms, tl, triton, triton_can_run
 
 # --------------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -454,51 +453,42 @@ def feature_mix_backward(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crossmae::feature_mix_fwd", mutates_args=())
-def _feature_mix_fwd_op(feats: torch.Tensor, weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("feature_mix_layernorm", feats, weight, ln_weight, ln_bias)
-    return feature_mix_forward(feats, weight, ln_weight, ln_bias, eps)
-
-
-@_feature_mix_fwd_op.register_fake
-def _(feats, weight, ln_weight, ln_bias, eps):
-    _, N, C = feats.shape
-    J = weight.shape[0]
-    stats = feats.new_empty((J, N), dtype=torch.float32)
-    return feats.new_empty((J, N, C)), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("crossmae::feature_mix_bwd", mutates_args=())
-def _feature_mix_bwd_op(dout: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, ln_weight: torch.Tensor,
-                        mean: torch.Tensor, rstd: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("feature_mix_layernorm backward", feats, weight, ln_weight)
+def _feature_mix_bwd_launch(dout, feats, weight, ln_weight, mean, rstd):
     dfeats, dweight, dgamma, dbeta = feature_mix_backward(dout, feats, weight, ln_weight, mean, rstd)
     return dfeats, dweight.to(weight.dtype), dgamma.to(ln_weight.dtype), dbeta.to(ln_weight.dtype)
 
 
-@_feature_mix_bwd_op.register_fake
-def _(dout, feats, weight, ln_weight, mean, rstd):
-    return (feats.new_empty(feats.shape), weight.new_empty(weight.shape), ln_weight.new_empty(ln_weight.shape),
-            ln_weight.new_empty(ln_weight.shape))
+def _feature_mix_fake(feats, weight, ln_weight, ln_bias, eps):
+    _, N, C = feats.shape
+    stats = feats.new_empty((weight.shape[0], N), dtype=torch.float32)
+    return feats.new_empty((weight.shape[0], N, C)), stats, torch.empty_like(stats)
 
 
-def _feature_mix_setup_context(ctx, inputs, output):
-    feats, weight, ln_weight, ln_bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(feats, weight, ln_weight, mean, rstd)
-    ctx.bias_dtype = ln_bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
+_feature_mix_bwd_op = kernel_op(
+    "crossmae::feature_mix_bwd(Tensor dout, Tensor feats, Tensor weight, Tensor ln_weight, Tensor mean, "
+    "Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor)",
+    _feature_mix_bwd_launch,
+    fake=lambda dout, feats, weight, ln_weight, mean, rstd: (
+        feats.new_empty(feats.shape), weight.new_empty(weight.shape), ln_weight.new_empty(ln_weight.shape),
+        ln_weight.new_empty(ln_weight.shape)),
+)
+
+_feature_mix_fwd_op = fused_op(
+    "crossmae::feature_mix_fwd(Tensor feats, Tensor weight, Tensor ln_weight, Tensor ln_bias, float eps) -> "
+    "(Tensor out, Tensor mean, Tensor rstd)",
+    feature_mix_forward,
+    fake=_feature_mix_fake,
+    save=("feats", "weight", "ln_weight", "mean", "rstd"),
+    differentiable=("out",),
+    grads=("feats", "weight", "ln_weight", "ln_bias"),
+    backward=lambda saved, grad_out: _feature_mix_bwd_op(grad_out, saved.feats, saved.weight, saved.ln_weight,
+                                                         saved.mean, saved.rstd),
+)
 
 
-def _feature_mix_backward_formula(ctx, grad_out, grad_mean, grad_rstd):
-    feats, weight, ln_weight, mean, rstd = ctx.saved_tensors
-    dfeats, dweight, dgamma, dbeta = _feature_mix_bwd_op(grad_out, feats, weight, ln_weight, mean, rstd)
-    return dfeats, dweight, dgamma, dbeta.to(ctx.bias_dtype), None
-
-
-_feature_mix_fwd_op.register_autograd(_feature_mix_backward_formula, setup_context=_feature_mix_setup_context)
+# --------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------
 
 
 def feature_mix_layernorm(

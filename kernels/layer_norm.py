@@ -44,19 +44,16 @@ Caveats
       between models.
     * When autograd hands None for the gradient of h (h unused) the kernel skips reading it; when the
       gradient of y is None (y unused), dh passes straight through and dweight / dbias get no gradient.
-    * No double backward. Without Triton able to run (CPU tensors, no TRITON_INTERPRET) the public functions
-      fall back to `kernels.reference.layer_norm_reference` / `add_layer_norm_reference`; the raw custom ops
-      raise instead.
+    * No double backward. Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) the
+      public functions fall back to `kernels.reference.layer_norm_reference` / `add_layer_norm_reference`; the
+      raw custom ops raise instead.
 """
 
-from typing import Optional
-
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
-from ._runtime import check_dtype, next_pow2, num_sms, require_triton, triton_can_run
+from ._custom_op import fused_op, kernel_op
+from ._runtime import check_dtype, next_pow2, num_sms, tl, triton, triton_can_run
 
 MAX_C = 8192
 # Elements of one program's row tile (BLOCK_R * BLOCK_C). 4096 at 8 warps is 16 fp32 values per thread and
@@ -295,88 +292,50 @@ def layer_norm_backward(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crossmae::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("layer_norm", x, weight, bias)
-    return layer_norm_forward(x, weight, bias, eps)
+def _stats_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+# one backward for both forwards; dh: add_layer_norm's gradient of h, added to dx (None for layer_norm)
+_layer_norm_bwd_op = kernel_op(
+    "crossmae::layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? dh) -> "
+    "(Tensor, Tensor, Tensor)",
+    layer_norm_backward,
+    fake=lambda dy, x, weight, mean, rstd, dh: (
+        x.new_empty(x.shape), *(x.new_empty(x.shape[-1:], dtype=torch.float32) for _ in range(2))),
+)
+
+_layer_norm_fwd_op = fused_op(
+    "crossmae::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, "
+    "Tensor rstd)",
+    layer_norm_forward,
+    fake=lambda x, weight, bias, eps: (x.new_empty(x.shape), _stats_like(x), _stats_like(x)),
+    save=("x", "weight", "mean", "rstd"),
+    differentiable=("y",),
+    grads=("x", "weight", "bias"),
+    backward=lambda saved, dy: _layer_norm_bwd_op(dy, saved.x, saved.weight, saved.mean, saved.rstd, None),
+)
 
 
-@torch.library.custom_op("crossmae::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd_op(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("add_layer_norm", x, branch, weight, bias)
-    return add_layer_norm_forward(x, branch, weight, bias, eps)
-
-
-@_add_layer_norm_fwd_op.register_fake
-def _(x, branch, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("crossmae::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                       rstd: torch.Tensor,
-                       dh: Optional[torch.Tensor],  # noqa: UP045 (torch 2.x schema inference)
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton("layer_norm backward", dy, x, weight)
-    return layer_norm_backward(dy, x, weight, mean, rstd, dh)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, dh):
-    C = x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
-
-
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward_formula(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None)
-    return dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None
-
-
-_layer_norm_fwd_op.register_autograd(_layer_norm_backward_formula, setup_context=_layer_norm_setup_context)
-
-
-def _add_layer_norm_setup_context(ctx, inputs, output):
-    _, branch, weight, bias, _ = inputs
-    h, _, mean, rstd = output
-    ctx.save_for_backward(h, weight, mean, rstd)
-    ctx.branch_dtype = branch.dtype
-    ctx.bias_dtype = bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-    # an unused h (or y) then reaches the backward as None instead of a materialised tensor of zeros
-    ctx.set_materialize_grads(False)
-
-
-def _add_layer_norm_backward_formula(ctx, dh, dy, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
+def _add_layer_norm_grads(saved, dh, dy):
+    """d(x + branch)/dx = d(x + branch)/dbranch = 1: both get the one total gradient of h."""
     if dy is None:  # y unused: the LayerNorm contributes nothing
-        dweight = dbias = None
-        dh_total = dh.to(h.dtype)
-    else:
-        dh_total, dweight, dbias = _layer_norm_bwd_op(dy, h, weight, mean, rstd, dh)
-        dweight, dbias = dweight.to(weight.dtype), dbias.to(ctx.bias_dtype)
-    # d(x + branch)/dx = d(x + branch)/dbranch = 1: the same gradient for both
-    return dh_total, dh_total.to(ctx.branch_dtype), dweight, dbias, None
+        return dh, dh, None, None
+    dh_total, dweight, dbias = _layer_norm_bwd_op(dy, saved.h, saved.weight, saved.mean, saved.rstd, dh)
+    return dh_total, dh_total, dweight, dbias
 
 
-_add_layer_norm_fwd_op.register_autograd(_add_layer_norm_backward_formula, setup_context=_add_layer_norm_setup_context)
+_add_layer_norm_fwd_op = fused_op(
+    "crossmae::add_layer_norm_fwd(Tensor x, Tensor branch, Tensor weight, Tensor bias, float eps) -> (Tensor h, "
+    "Tensor y, Tensor mean, Tensor rstd)",
+    add_layer_norm_forward,
+    fake=lambda x, branch, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x),
+                                               _stats_like(x)),
+    save=("h", "weight", "mean", "rstd"),
+    differentiable=("h", "y"),  # an unused one's gradient arrives as None, never as materialised zeros
+    grads=("x", "branch", "weight", "bias"),
+    backward=_add_layer_norm_grads,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,16 +28,15 @@ Caveats
     * The sum is fp32, but spread over 1024 programs x 4096 lanes, so each lane adds only ~10 terms at
       CrossMAE's ~10**7 .. 4 * 10**7 elements: the loss is accurate to ~1e-6 relative.
     * numel < 2**31 * 4096 (block indices are int32; element offsets are int64).
-    * Without Triton able to run (CPU tensors, no TRITON_INTERPRET) `mse_loss` falls back to
+    * Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) `mse_loss` falls back to
       `kernels.reference.mse_loss_reference`; the raw custom ops raise instead.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
-from ._runtime import check_dtype, next_pow2, require_triton, triton_can_run
+from ._custom_op import fused_op, kernel_op
+from ._runtime import check_dtype, next_pow2, tl, triton, triton_can_run
 
 _BLOCK = 4096  # elements per program step: 16 per thread at 8 warps
 _MAX_PROGRAMS = 1024  # fixed (not per-GPU), so the loss is bit-identical across GPU models
@@ -152,41 +151,20 @@ def mse_loss_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tens
 # Custom ops
 # --------------------------------------------------------------------------------------------------------------
 
+_mse_loss_bwd_op = kernel_op(
+    "crossmae::mse_loss_bwd(Tensor grad, Tensor pred, Tensor target) -> Tensor",
+    mse_loss_backward,
+    fake=lambda grad, pred, target: pred.new_empty(pred.shape),
+)
 
-@torch.library.custom_op("crossmae::mse_loss_fwd", mutates_args=())
-def _mse_loss_fwd_op(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    require_triton("mse_loss", pred, target)
-    return mse_loss_forward(pred, target)
-
-
-@_mse_loss_fwd_op.register_fake
-def _(pred, target):
-    return pred.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("crossmae::mse_loss_bwd", mutates_args=())
-def _mse_loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    require_triton("mse_loss backward", grad, pred, target)
-    return mse_loss_backward(grad, pred, target)
-
-
-@_mse_loss_bwd_op.register_fake
-def _(grad, pred, target):
-    return pred.new_empty(pred.shape)
-
-
-def _mse_loss_setup_context(ctx, inputs, output):
-    pred, target = inputs
-    ctx.save_for_backward(pred, target)
-
-
-def _mse_loss_backward_formula(ctx, grad_loss):
-    pred, target = ctx.saved_tensors
-    dpred = _mse_loss_bwd_op(grad_loss.float(), pred, target) if ctx.needs_input_grad[0] else None
-    return dpred, None  # targets are constants (mse_loss refuses a target that requires grad)
-
-
-_mse_loss_fwd_op.register_autograd(_mse_loss_backward_formula, setup_context=_mse_loss_setup_context)
+_mse_loss_fwd_op = fused_op(
+    "crossmae::mse_loss_fwd(Tensor pred, Tensor target) -> Tensor loss",
+    mse_loss_forward,
+    fake=lambda pred, target: pred.new_empty((), dtype=torch.float32),
+    save=("pred", "target"),
+    grads=("pred",),  # targets are constants (mse_loss refuses a target that requires grad)
+    backward=lambda saved, grad_loss: _mse_loss_bwd_op(grad_loss.float(), saved.pred, saved.target),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------

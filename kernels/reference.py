@@ -76,15 +76,6 @@ def mse_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (pred.float() - target.float()).pow(2).mean()
 
 
-def gather_visible_reference(x: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """out[b, t] = x[b, ids[b, t]] + pos[ids[b, t]], added in fp32, returned in x.dtype.
-
-    x (B, L, C), pos (L, C), ids (B, n) int64 -> (B, n, C).
-    """
-    index = ids[..., None].expand(-1, -1, x.shape[-1])
-    return (torch.gather(x, 1, index).float() + pos.float()[ids]).to(x.dtype)
-
-
 def gather_rows_reference(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """out[b, t] = table[ids[b, t]]. table (L, D), ids (B, n) -> (B, n, D)."""
     return table[ids]
@@ -125,11 +116,28 @@ def gather_target_patches_reference(
     with torch.no_grad():
         patches = patchify_reference(imgs, patch_size).float()
         target = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True, unbiased=True)
+        mean, var = patch_stats_reference(target)
         if norm_pix:
-            target = (target - mean) / torch.sqrt(var + eps)
+            target = (target - mean) / (var + eps) ** 0.5
         return target.to(imgs.dtype), mean, var
+
+
+def patch_stats_reference(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and unbiased variance over the last dim, keepdim."""
+    return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True, unbiased=True)
+
+
+def normalize_patches_reference(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Norm-pix targets, the authors' expression: each patch by its own mean and unbiased variance,
+    (t - mean) / (var + eps) ** 0.5."""
+    mean, var = patch_stats_reference(patches)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def denormalize_patches_reference(pred: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Undo ``normalize_patches_reference`` on predictions, with the statistics of the true patches."""
+    mean, var = patch_stats_reference(target_patches)
+    return pred * (var + eps) ** 0.5 + mean
 
 
 def gather_patches_reference(imgs: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:

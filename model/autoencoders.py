@@ -13,13 +13,15 @@ attribute access (``out.loss``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
+from kernels.reference import denormalize_patches_reference
 from model.config import ModelConfig
 from model.layers import Block, CrossAttentionBlock, init_vit_weights, layer_norm, run_blocks, sincos_pos_table
-from model.masking import MaskSplit, denormalize_patches, gather_tokens, split_ids
+from model.masking import MaskSplit, gather_tokens, split_ids
 from model.ops import ops_for
 
 
@@ -44,18 +46,21 @@ class PatchEmbed(nn.Module):
 
 class MaskedEncoder(nn.Module):
     """The ViT encoder shared by both families; its parameters sit at the top level of the model
-    (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``), as in the released checkpoints."""
+    (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``), as in the released checkpoints.
 
-    def __init__(self, cfg: ModelConfig):
+    ``reference_ops``: operations of ``model.ops.ModelOps`` that run the reference implementation on the fused
+    backend (``model.ops.ops_for``). Every module of the model calls the one ops object made here."""
+
+    def __init__(self, cfg: ModelConfig, reference_ops: Collection[str] = ()):
         super().__init__()
         self.cfg = cfg
-        self.ops = ops_for(cfg.backend)
+        self.ops = ops_for(cfg.backend, reference_ops)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         # Fixed, never trained: a buffer, so it gets no gradient and no optimizer state.
         self.register_buffer("pos_embed", sincos_pos_table(cfg.embed_dim, cfg.grid_size)[None])
         self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.backend) for _ in range(cfg.depth)
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, self.ops) for _ in range(cfg.depth)
         )
 
     # -- public helpers ---------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class MaskedEncoder(nn.Module):
         The reference adds positions to all L patches and then gathers; gathering first gives the
         same numbers (the same elementwise sums) for a quarter of the additions.
         """
-        x = self.ops.embed_patches(imgs, visible_ids, self.patch_embed.proj)
+        x = self.ops.embed_patches(imgs, visible_ids, self.patch_embed)
         x = self.ops.stream(x + self.ops.gather_rows(self.pos_embed[0, 1:], visible_ids))
         # The cls token gets no position: the table's cls row is all zero.
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -118,11 +123,8 @@ class MaskedEncoder(nn.Module):
 
     @property
     def blocks_run(self) -> int:
-        """Encoder blocks a forward pass runs: all, unless IBA reads only earlier ones."""
-        cfg = self.cfg
-        if cfg.family == "crossmae" and cfg.inter_block:
-            return max(cfg.feature_blocks, default=-1) + 1
-        return cfg.depth
+        """Encoder blocks a forward pass runs: all of them (CrossMAE's IBA may stop earlier)."""
+        return self.cfg.depth
 
     def _hidden_ids(self, noise: torch.Tensor) -> torch.Tensor:
         """Every patch the encoder does not see, ascending: (B, L - len_keep)."""
@@ -132,7 +134,7 @@ class MaskedEncoder(nn.Module):
                         visible_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         p, ops = self.cfg.patch_size, self.ops
         if self.cfg.norm_pix_loss:
-            pred = denormalize_patches(pred.float(), ops.target_patches(imgs, pred_ids, p, False))
+            pred = denormalize_patches_reference(pred.float(), ops.target_patches(imgs, pred_ids, p, False))
         blank = torch.zeros_like(imgs)
         visible = ops.target_patches(imgs, visible_ids, p, False)
         masked = ops.paste_patches(visible, visible_ids, blank, p)
@@ -160,8 +162,8 @@ class CrossMAE(MaskedEncoder):
     """CrossMAE: the decoder reconstructs only ``n_pred`` patches, each query (position + mask token)
     cross-attending to encoder features, never to the other queries (unless ``decoder_self_attn``)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, reference_ops: Collection[str] = ()):
+        super().__init__(cfg, reference_ops)
         D = cfg.decoder_embed_dim
         if cfg.inter_block:
             self.dec_norms = nn.ModuleList(layer_norm(cfg.embed_dim) for _ in range(cfg.decoder_depth))
@@ -171,7 +173,7 @@ class CrossMAE(MaskedEncoder):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer("decoder_pos_embed", sincos_pos_table(D, cfg.grid_size)[None])
         self.decoder_blocks = nn.ModuleList(
-            CrossAttentionBlock(cfg.embed_dim, D, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.backend,
+            CrossAttentionBlock(cfg.embed_dim, D, cfg.decoder_num_heads, cfg.mlp_ratio, self.ops,
                                 self_attn=cfg.decoder_self_attn)
             for _ in range(cfg.decoder_depth)
         )
@@ -180,6 +182,12 @@ class CrossMAE(MaskedEncoder):
         init_vit_weights(self)
         if cfg.inter_block:
             self.wfm.reset_parameters()
+
+    @property
+    def blocks_run(self) -> int:
+        """Encoder blocks a forward pass runs: all, unless IBA reads only earlier ones."""
+        cfg = self.cfg
+        return max(cfg.feature_blocks, default=-1) + 1 if cfg.inter_block else cfg.depth
 
     def decoder_kv(self, imgs: torch.Tensor, visible_ids: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoder; return every decoder block's projected keys and values, (B, 1 + len_keep, 2D)
@@ -261,15 +269,15 @@ class MAE(MaskedEncoder):
     every masked patch, restore patch order, add positions, self-attention decoder, predict all
     patches; the loss covers the masked ones."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, reference_ops: Collection[str] = ()):
+        super().__init__(cfg, reference_ops)
         D = cfg.decoder_embed_dim
         self.norm = layer_norm(cfg.embed_dim)
         self.decoder_embed = nn.Linear(cfg.embed_dim, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer("decoder_pos_embed", sincos_pos_table(D, cfg.grid_size)[None])
         self.decoder_blocks = nn.ModuleList(
-            Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.backend) for _ in range(cfg.decoder_depth)
+            Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, self.ops) for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = layer_norm(D)
         self.decoder_pred = nn.Linear(D, cfg.patch_dim)

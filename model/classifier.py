@@ -12,7 +12,7 @@ the head trains.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from model.autoencoders import PatchEmbed
 from model.config import ModelConfig
 from model.layers import Block, init_vit_weights, layer_norm, run_blocks, sincos_pos_table
 from model.official import model_entry, short_list
-from model.ops import check_backend, default_backend
-from model.registry import CONFIGS
+from model.ops import check_backend, default_backend, ops_for
+from model.registry import SIZES, encoder_config
 
 ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
 POOLS = ("avg", "token")
@@ -30,12 +30,14 @@ POOLS = ("avg", "token")
 
 def classifier_names() -> list[str]:
     """``vit_<size>_patch<p>`` for every size of the registry."""
-    return [name.removeprefix("crossmae_") for name in CONFIGS if name.startswith("crossmae_")]
+    return list(SIZES)
 
 
 class ViTClassifier(nn.Module):
+    """``reference_ops``: on the fused backend, operations that run the reference implementation (model/ops.py)."""
+
     def __init__(self, cfg: ModelConfig, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,
-                 linear_probe: bool = False):
+                 linear_probe: bool = False, reference_ops: Collection[str] = ()):
         super().__init__()
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
@@ -50,7 +52,8 @@ class ViTClassifier(nn.Module):
         # Fine-tuning trains the position table (initialised to the fixed sin-cos one, as MAE does).
         self.pos_embed = nn.Parameter(sincos_pos_table(C, cfg.grid_size)[None])
         rates = torch.linspace(0, drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(C, cfg.num_heads, cfg.mlp_ratio, cfg.backend, drop_path=r) for r in rates)
+        ops = ops_for(cfg.backend, reference_ops)
+        self.blocks = nn.ModuleList(Block(C, cfg.num_heads, cfg.mlp_ratio, ops, drop_path=r) for r in rates)
         if global_pool == "avg":
             self.fc_norm = layer_norm(C)
         else:
@@ -93,19 +96,15 @@ class ViTClassifier(nn.Module):
 
 def create_classifier(name: str, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,
                       linear_probe: bool = False, img_size: int | None = None, patch_size: int | None = None,
-                      backend: str | None = None) -> ViTClassifier:
+                      backend: str | None = None, reference_ops: Collection[str] = ()) -> ViTClassifier:
     """A classifier with the encoder of ``vit_<size>_patch<p>`` (or of any pre-training model name)."""
-    key = name if name in CONFIGS else f"crossmae_{name}"
-    if key not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(classifier_names())} "
-                         "(or any pre-training model name)")
     overrides = {"backend": check_backend(backend or default_backend())}
     if img_size is not None:
         overrides["img_size"] = img_size
     if patch_size is not None:
         overrides["patch_size"] = patch_size
-    cfg = CONFIGS[key].with_overrides(**overrides)
-    return ViTClassifier(cfg, num_classes, global_pool, drop_path, linear_probe)
+    cfg = encoder_config(name, **overrides)
+    return ViTClassifier(cfg, num_classes, global_pool, drop_path, linear_probe, reference_ops)
 
 
 def load_encoder(model: ViTClassifier, checkpoint: Mapping) -> list[str]:

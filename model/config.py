@@ -1,4 +1,8 @@
-"""One frozen configuration for both families, and its validation."""
+"""One frozen configuration for both families, and its validation.
+
+What depends on the family (its defaults, which arguments apply to it) is ``model.registry.FAMILIES``';
+``model.registry.get_config`` applies both.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,10 @@ from dataclasses import dataclass, fields, replace
 from model.masking import MaskSplit, check_ratios
 from model.ops import check_backend
 
-FAMILIES = ("crossmae", "mae")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "crossmae" or "mae"
+    family: str  # a name of model.registry.FAMILIES: "crossmae" or "mae"
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -63,28 +65,18 @@ class ModelConfig:
         return len(self.feature_blocks) + int(self.use_input)
 
     def with_overrides(self, **overrides) -> ModelConfig:
+        """This configuration with ``overrides`` (field names, the family excepted), validated. The family's own
+        rules (e.g. MAE's kept_mask_ratio follows mask_ratio) are ``model.registry.get_config``'s."""
         known = {f.name for f in fields(self)} - {"family"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown model argument(s) {unknown}; allowed: {sorted(known)}")
-        if self.family == "mae":
-            if overrides.get("inter_block"):
-                raise ValueError("inter_block=True applies to CrossMAE models only; MAE decodes with self-attention")
-            if overrides.get("decoder_self_attn"):
-                raise ValueError("decoder_self_attn applies to CrossMAE models only")
-            kept = overrides.pop("kept_mask_ratio", None)
-            mask = overrides.get("mask_ratio", self.mask_ratio)
-            if kept is not None and kept != mask:
-                raise ValueError(f"kept_mask_ratio={kept} applies to CrossMAE only: MAE predicts every masked "
-                                 f"patch, so it must equal mask_ratio={mask} or be left out")
-            overrides["kept_mask_ratio"] = mask
         if "feature_layers" in overrides and overrides["feature_layers"] is not None:
             overrides["feature_layers"] = tuple(int(i) for i in overrides["feature_layers"])
         return replace(self, **overrides).validated()
 
     def validated(self) -> ModelConfig:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        """Self, if every field is in range (the family's name and rules are checked by model.registry)."""
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                      "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
             value = getattr(self, name)
@@ -110,7 +102,7 @@ class ModelConfig:
                                  f"(encoder depth {self.depth}), got {bad}")
             if len(set(self.feature_blocks)) != len(self.feature_layers):
                 raise ValueError(f"feature_layers names a block twice: {self.feature_layers}")
-        if self.family == "crossmae" and self.inter_block and self.num_features == 0:
+        if self.inter_block and self.num_features == 0:
             raise ValueError("inter-block mixing needs at least one feature: give feature_layers or use_input=True")
         check_backend(self.backend)
         return self

@@ -3,8 +3,9 @@
 Module and parameter names follow the authors' checkpoints (``attn.qkv``, ``cross_attn.kv``,
 ``mlp.fc1``...), so that ``load_official`` is a plain, fully checked state-dict copy.
 
-Every module takes a ``backend`` at construction ("torch" or "triton"), keeps the matching
-``model.ops`` object and calls its operations; ``model/ops.py`` is the only place that knows both paths.
+Every module takes the model's operations at construction (a ``model.ops.ModelOps``: ``ops_for(backend)``,
+one object shared by all the modules of a model) and calls them; ``model/ops.py`` is the only place that
+knows both paths.
 
 Blocks work on a residual stream whose last addition is left pending: a block returns ``(x, branch)``
 with its output being ``x + branch``, and the next block adds ``branch`` inside its first LayerNorm
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.ops import ops_for
+from model.ops import ModelOps
 
 LN_EPS = 1e-6
 
@@ -29,9 +30,9 @@ def layer_norm(dim: int) -> nn.LayerNorm:
 class Mlp(nn.Module):
     fp32_parameters = ("fc1.bias",)  # the fused path adds it inside its bias + GELU kernel, in fp32
 
-    def __init__(self, dim: int, hidden: int, backend: str):
+    def __init__(self, dim: int, hidden: int, ops: ModelOps):
         super().__init__()
-        self.ops = ops_for(backend)
+        self.ops = ops
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
@@ -57,10 +58,10 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str):
+    def __init__(self, dim: int, num_heads: int, ops: ModelOps):
         super().__init__()
         self.num_heads = num_heads
-        self.ops = ops_for(backend)
+        self.ops = ops
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -76,10 +77,10 @@ class CrossAttention(nn.Module):
     The kv projection maps encoder width to decoder width: there is no separate decoder embedding.
     """
 
-    def __init__(self, encoder_dim: int, dim: int, num_heads: int, backend: str):
+    def __init__(self, encoder_dim: int, dim: int, num_heads: int, ops: ModelOps):
         super().__init__()
         self.num_heads = num_heads
-        self.ops = ops_for(backend)
+        self.ops = ops
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(encoder_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -96,13 +97,13 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, backend: str, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ops: ModelOps, drop_path: float = 0.0):
         super().__init__()
-        self.ops = ops_for(backend)
+        self.ops = ops
         self.norm1 = layer_norm(dim)
-        self.attn = Attention(dim, num_heads, backend)
+        self.attn = Attention(dim, num_heads, ops)
         self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), backend)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), ops)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None
@@ -117,19 +118,19 @@ class Block(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """CrossMAE decoder block: [x + SelfAttn(LN0(x))], x + CrossAttn(LN1(x), kv), x + MLP(LN2(x))."""
 
-    def __init__(self, encoder_dim: int, dim: int, num_heads: int, mlp_ratio: float, backend: str,
+    def __init__(self, encoder_dim: int, dim: int, num_heads: int, mlp_ratio: float, ops: ModelOps,
                  self_attn: bool = False):
         super().__init__()
-        self.ops = ops_for(backend)
+        self.ops = ops
         if self_attn:
             self.norm0 = layer_norm(dim)
-            self.self_attn = Attention(dim, num_heads, backend)
+            self.self_attn = Attention(dim, num_heads, ops)
         else:
             self.norm0 = self.self_attn = None
         self.norm1 = layer_norm(dim)
-        self.cross_attn = CrossAttention(encoder_dim, dim, num_heads, backend)
+        self.cross_attn = CrossAttention(encoder_dim, dim, num_heads, ops)
         self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), backend)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), ops)
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None, kv: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

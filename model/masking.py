@@ -1,8 +1,10 @@
-"""Masking arithmetic and patch layout, exactly as SPEC.md section 1 states them.
+"""Masking arithmetic and token gathers, exactly as SPEC.md section 1 states them.
 
 Every shape here is fixed by the configuration, never by tensor values: the split sizes come from
 Python arithmetic on the ratios, and the index tensors come from an argsort of the noise. There is
-no boolean indexing and no host synchronisation.
+no boolean indexing and no host synchronisation. The patch layout itself (patchify, unpatchify, patch
+gathers and scatters) and the norm-pix statistics are kernels/reference.py's, which the reference path
+calls (model/ops.py).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-NORM_PIX_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -67,36 +67,3 @@ def split_ids(noise: torch.Tensor, split: MaskSplit) -> tuple[torch.Tensor, torc
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: (B, L, C), ids: (B, n) -> (B, n, C)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, L, p*p*3), each patch laid out (row, column, channel)."""
-    B, C, H, W = imgs.shape
-    h, w = H // p, W // p
-    x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, h * w, p * p * C)
-
-
-def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
-    """Inverse of ``patchify``: (B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
-    B = patches.shape[0]
-    h, w = grid
-    x = patches.reshape(B, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(B, channels, h * p, w * p)
-
-
-def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and unbiased variance over the last dim, keepdim."""
-    return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-
-
-def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
-    """Norm-pix target: each patch by its own mean and unbiased variance, (t - mean) / sqrt(var + 1e-6)."""
-    mean, var = patch_stats(patches)
-    return (patches - mean) / (var + NORM_PIX_EPS) ** 0.5
-
-
-def denormalize_patches(pred: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
-    """Undo ``normalize_patches`` on predictions, with the statistics of the true patches."""
-    mean, var = patch_stats(target_patches)
-    return pred * (var + NORM_PIX_EPS) ** 0.5 + mean

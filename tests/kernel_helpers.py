@@ -1,15 +1,14 @@
 """Shared helpers of the kernel tests (tests/test_kernels_*.py): devices, tolerances, comparisons, inputs.
 
 The tests compare every Triton op and every gradient with autograd of its PyTorch reference
-(kernels/reference.py) on fresh random inputs. Without CUDA the kernels run in Triton's CPU interpreter
+(kernels/reference.py) on random inputs drawn from a fixed seed per test (derived from its node id, so the
+same every run). Without CUDA the kernels run in Triton's CPU interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1) in fp32; the `gpu` tests run fp16 / bf16 at realistic shapes.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -28,14 +27,6 @@ GPU_DTYPES = [torch.float16, torch.bfloat16]
 # fp16 / bf16: a few units in the last place of the storage format; on the GPU a kernel may also be as far
 # from the fp32 reference as twice PyTorch's own kernel in that dtype.
 RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def reseed() -> int:
-    """Seed torch with a fresh random seed (or KERNEL_TEST_SEED) and print it: pytest shows it on failure."""
-    value = int(os.environ.get("KERNEL_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(value)
-    print(f"seed={value} (rerun with KERNEL_TEST_SEED={value})")
-    return value
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

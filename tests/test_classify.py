@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +18,13 @@ from model import create_classifier, create_model, load_encoder
 from test_official import fake_checkpoint
 from train import classify
 from train.checkpoint import LAST
+from train.config.classify import DEMO_IMG_SIZE, parse_classify
+from train.config.classify import build_parser as build_classify_parser
 from train.data import build_loader, resolve_data_path
 from train.data.augment import mixup_cutmix, rand_augment, random_erase, smooth_one_hot, soft_target_cross_entropy
 from train.optim import LARS, layer_decay_groups
 
+ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--img_size", "16", "--batch_size", "128", "--num_workers", "0", "--data_backend", "torch", "--epochs", "2",
          "--warmup_epochs", "0", "--log_every", "1000"]
 
@@ -168,7 +176,7 @@ def test_short_run_end_to_end_and_resume(mode, tmp_path):
 
 @pytest.mark.parametrize("mode", ["finetune", "linprobe"])
 def test_help_shows_every_default_exactly_once(mode):
-    text = classify.build_parser(mode).format_help()
+    text = build_classify_parser(mode).format_help()
     options = text[text.index("options:"):]
     blocks = re.split(r"\n(?=  -)", options)[1:]  # one block per flag, its help wrapped below it
     flags = [b.split()[0].rstrip(",") for b in blocks]
@@ -179,14 +187,12 @@ def test_help_shows_every_default_exactly_once(mode):
 
 
 def _parse(mode: str, argv: list[str]):
-    parser = classify.build_parser(mode)
-    args = parser.parse_args(argv)
-    classify.check_args(parser, args)
-    return args
+    """The model options a command line resolves to (sizes filled in from the checkpoint)."""
+    return parse_classify(mode, argv).config.model
 
 
 def test_image_and_patch_size_come_from_the_checkpoint(tmp_path, capsys):
-    from train.pretrain import config_dict
+    from train.trainer import config_dict
 
     pre = create_model("crossmae_vit_tiny_patch8", img_size=24, patch_size=4)
     ours = tmp_path / "ours.pth"  # a pre-training checkpoint: records its model config
@@ -198,7 +204,7 @@ def test_image_and_patch_size_come_from_the_checkpoint(tmp_path, capsys):
         assert (args.img_size, args.patch_size) == (24, 4)
         args = _parse("linprobe", ["--finetune", str(path), "--img_size", "24"])  # agreeing values are fine
         assert (args.img_size, args.patch_size) == (24, 4)
-    assert _parse("finetune", []).img_size == classify.DEMO_IMG_SIZE  # no checkpoint: the demo's size
+    assert _parse("finetune", []).img_size == DEMO_IMG_SIZE  # no checkpoint: the demo's size
     for flags, message in ((["--img_size", "32"], "pre-trained with img_size 24"),
                            (["--patch_size", "8"], "pre-trained with patch_size 4")):
         with pytest.raises(SystemExit):
@@ -233,3 +239,59 @@ def test_linear_probe_on_two_ddp_processes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["val_images"] == 360 and 0 <= record["val_top1"] <= 100
+
+
+# -- resume equals a straight run ---------------------------------------------------------------------------
+
+KILL_AFTER_EPOCH_1 = """
+import os, signal
+from train import monitor
+_write = monitor.MetricsLog.write
+def write(self, record):
+    _write(self, record)
+    if record.get("epoch") == 1:  # the epoch's checkpoint is written before its record
+        os.kill(os.getpid(), signal.SIGKILL)
+monitor.MetricsLog.write = write
+"""
+COMPARED = ("step", "epoch", "train_loss", "lr", "val_top1", "val_top5", "val_loss", "best_top1")
+
+
+def classify_cli(mode: str, args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m train.MODE ARGS`` as a child process of one thread (``prelude``: code it runs first, e.g. a
+    patch)."""
+    code = f"import sys\n{prelude}\nfrom train import classify\nsys.exit(classify.main({mode!r}, sys.argv[1:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def epoch_records(out) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_a_run_killed_after_its_first_epoch_resumes_to_the_numbers_of_a_straight_run(mode, tmp_path):
+    """SIGKILL right after epoch 1's checkpoint, then the same command: every epoch's metrics and the final
+    weights equal those of an uninterrupted run, exactly (the CPU is deterministic). The recipes' defaults
+    stay on: drop path and label smoothing (fine-tuning), the probe's BatchNorm statistics."""
+    flags = [*QUICK, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "256", "--seed", "5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = classify_cli(mode, ["--output_dir", str(straight), *flags])
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = epoch_records(straight)
+    assert [r["epoch"] for r in reference] == [1, 2]
+
+    result = classify_cli(mode, ["--output_dir", str(killed), *flags], prelude=KILL_AFTER_EPOCH_1)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    assert torch.load(killed / LAST, weights_only=True)["epoch"] == 1
+    assert epoch_records(killed) == reference[:1]
+
+    result = classify_cli(mode, ["--output_dir", str(killed), *flags])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout + result.stderr
+    assert epoch_records(killed) == reference
+    want = torch.load(straight / LAST, weights_only=True)["model"]
+    got = torch.load(killed / LAST, weights_only=True)["model"]
+    assert want.keys() == got.keys()
+    different = [name for name in want if not torch.equal(want[name], got[name])]
+    assert not different, different

@@ -580,3 +580,41 @@ def test_interrupted_demo_build_leaves_no_cache_and_racing_builds_agree(tmp_path
         t.join()
     assert not errors and results == [cache / "demo"] * 3
     assert len(list((cache / "demo").rglob("*.jpg"))) >= 40 and not list(cache.glob(".demo-*"))
+
+
+def test_ctrl_c_while_the_scan_queues_its_probes_does_not_wait_for_them(tmp_path, monkeypatch):
+    # Issue 19, item 8: a KeyboardInterrupt raised while Executor.map is still queueing the probes used to wait,
+    # on leaving the pool, for every probe already queued (minutes at ImageNet scale). Here the 30th submission
+    # is interrupted while each probe takes 0.1 s: the scan must end after the probes already running, not
+    # after the 29 queued ones.
+    import concurrent.futures
+    import time
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    probed = []
+    real_probe = data_index.probe_image
+
+    def slow_probe(path, validate="decode"):
+        time.sleep(0.1)
+        probed.append(path)
+        return real_probe(path, validate)
+
+    real_submit = concurrent.futures.ThreadPoolExecutor.submit
+    submitted = []
+
+    def interrupted_submit(self, fn, *args, **kwargs):
+        if len(submitted) == 29:
+            raise KeyboardInterrupt
+        submitted.append(1)
+        return real_submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(data_index, "probe_image", slow_probe)
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", interrupted_submit)
+    with pytest.raises(KeyboardInterrupt):
+        data_index.scan_image_folder(root, classes=False, num_threads=2, cache_dir=tmp_path / "cache")
+    time.sleep(0.3)  # the probes that were running finish; no queued one may start after the interrupt
+    assert len(probed) <= 6, f"{len(probed)} of 29 queued probes ran after the Ctrl-C"

@@ -3,6 +3,8 @@ size, the triton-on-CPU notice, summary lines that stay on screen, the fixed dem
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import pathlib
@@ -14,15 +16,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import pretrain
+from train import pretrain, reporting
+from train.config.pretrain import SYNTHETIC_IMAGES
+from train.config.pretrain import build_parser as build_pretrain_parser
 from train.data import build_loader, scan_image_folder
 from train.data import demo as demo_data
+from train.optim import lr_at, scaled_lr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 16 synthetic images in batches of 8 (2 steps per epoch), 16-pixel crops, one decoder block: milliseconds a step.
 SYNTH = ["--data_path", "synthetic", "--synthetic_images", "16", "--batch_size", "8", "--img_size", "16",
          "--decoder_depth", "1", "--num_workers", "0", "--lr", "1e-3", "--warmup_epochs", "0", "--device", "cpu",
          "--recon_every", "0"]
+PAPER_BLR = 1.5e-4  # --blr's default (SPEC.md section 2)
 
 
 def option_blocks(help_text: str) -> dict[str, str]:
@@ -43,7 +49,7 @@ def option_blocks(help_text: str) -> dict[str, str]:
 
 def test_help_shows_every_default_exactly_once(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
-    parser = pretrain.build_parser()
+    parser = build_pretrain_parser()
     blocks = option_blocks(parser.format_help())
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     assert flags <= set(blocks), flags - set(blocks)
@@ -81,21 +87,34 @@ def test_pretraining_reads_flat_and_nested_folders_fine_tuning_needs_classes(tmp
 
 
 def test_synthetic_source_size_sets_epoch_length_and_lr(tmp_path, caplog):
-    assert pretrain.build_parser().parse_args([]).synthetic_images == pretrain.SYNTHETIC_IMAGES == 4096
+    assert build_pretrain_parser().parse_args([]).synthetic_images == SYNTHETIC_IMAGES == 4096
     out = tmp_path / "run"
     assert pretrain.main([*SYNTH, "--lr", "1e-3", "--epochs", "2", "--output_dir", str(out)]) == 0
     assert "synthetic backend, 16 images, 2 steps per epoch" in caplog.text
     assert "finished: 4 steps" in caplog.text
     caplog.clear()
-    # Without --lr: the rule, on 16 images per epoch, not ImageNet's 1,281,167 (which gave a 3-step smoke 4.9e-12).
+    # Without --lr: the rule on the run's own effective batch (8), not ImageNet's 1,281,167 images (which gave a
+    # 3-step smoke 4.9e-12). Every step's lr is the schedule's at the step's start: 2 steps an epoch, a warmup of
+    # one epoch (0, lr/2), the peak at step 3, then the half-cosine to --min_lr over the 3 epochs left.
     args = [a for a in SYNTH if a not in ("--lr", "1e-3")]
-    assert pretrain.main([*args, "--max_steps", "3", "--warmup_epochs", "1", "--output_dir", str(tmp_path / "r2")]) == 0
-    lrs = [float(m) for m in re.findall(r"lr (\d\.\d+e-\d+)  ", caplog.text)]
-    assert lrs and max(lrs) > 1e-7, caplog.text  # 1.6e-6 at its peak for a batch of 8
+    out = tmp_path / "r2"
+    assert pretrain.main([*args, "--epochs", "4", "--warmup_epochs", "1", "--min_lr", "1e-7", "--log_every", "1",
+                          "--output_dir", str(out)]) == 0
+    lr = scaled_lr(PAPER_BLR, 8, mask_ratio=0.75, kept_mask_ratio=0.25)  # 1.5625e-6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    expected = [lr_at((r["step"] - 1) / 2, lr, 1e-7, 1, 4) for r in records]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0)
+    logged = [r["lr"] for r in records]
+    assert logged[0] == 0.0 and logged[1] == pytest.approx(lr / 2, rel=1e-12)
+    assert logged[2] == max(logged) == pytest.approx(lr, rel=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(logged[2:])) and logged[-1] > 1e-7
+    shown = re.findall(r"step (\d+)/8  epoch .*?  lr (\S+)  ", caplog.text)  # each step's line, as formatted
+    assert shown == [(str(k), f"{value:.2e}") for k, value in enumerate(expected, 1)], caplog.text
 
 
 def test_summary_lines_per_epoch_and_a_final_summary(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(pretrain, "SUMMARY_MIN_STEPS", 1)  # one line per epoch; the default groups short epochs
+    monkeypatch.setattr(reporting, "SUMMARY_MIN_STEPS", 1)  # one line per epoch; the default groups short epochs
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="train"):
         assert pretrain.main([*SYNTH, "--epochs", "3", "--log_every", "100", "--output_dir", str(out)]) == 0

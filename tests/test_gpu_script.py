@@ -118,7 +118,7 @@ def test_a_stage_over_its_share_is_cut_and_later_stages_still_run(tmp_path):
     assert re.search(r"table5 budget \d+", table5)  # the stage handed its share on to Table 5
     assert elapsed < 40, elapsed  # within the budget
     # The flags are the trainer's own (the script must not be the first to find out that one was renamed).
-    from train.pretrain import build_parser
+    from train.config.pretrain import build_parser
 
     parsed = [build_parser().parse_args(args) for args in trainer_args]
     assert [(p.model, p.data_backend, p.max_steps, p.batch_size) for p in parsed[:4]] == [

@@ -24,16 +24,11 @@ from kernel_helpers import (
     grads,
     leaf,
     requires_kernels,
-    reseed,
 )
 from kernels import reference as ref
 
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
 
 
 ATTN_SHAPES = [

@@ -21,7 +21,6 @@ from kernel_helpers import (
     leaf,
     nan_filled,
     requires_kernels,
-    reseed,
 )
 from kernels import _runtime
 from kernels import reference as ref
@@ -29,10 +28,6 @@ from kernels.bias_gelu import bias_gelu_backward, bias_gelu_forward
 
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
 
 
 SHAPES = [

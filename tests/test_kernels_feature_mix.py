@@ -19,17 +19,12 @@ from kernel_helpers import (
     max_err,
     mix_inputs,
     requires_kernels,
-    reseed,
 )
 from kernels import reference as ref
 from kernels.feature_mix import feature_mix_backward, feature_mix_forward
 
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
 
 
 MIX_SHAPES = [

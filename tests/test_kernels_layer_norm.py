@@ -23,7 +23,6 @@ from kernel_helpers import (
     leaf,
     nan_filled,
     requires_kernels,
-    reseed,
 )
 from kernels import reference as ref
 from kernels.layer_norm import add_layer_norm_forward, layer_norm_backward, layer_norm_forward
@@ -31,10 +30,6 @@ from kernels.layer_norm import add_layer_norm_forward, layer_norm_backward, laye
 ln_mod = importlib.import_module("kernels.layer_norm")  # the package attribute kernels.layer_norm is the function
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
 
 
 SHAPES = [(1, 40), (7, 96), (37, 200), (3, 5, 768)]  # C not a power of two; one row; a 3-d batch at ViT-B width

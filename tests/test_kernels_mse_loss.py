@@ -8,17 +8,23 @@ import pytest
 import torch
 
 import kernels
-from kernel_helpers import CUDA, DEVICE, GPU_DTYPES, RTOL, assert_close, gpu, leaf, nan_filled, requires_kernels, reseed
+from kernel_helpers import (
+    CUDA,
+    DEVICE,
+    GPU_DTYPES,
+    RTOL,
+    assert_close,
+    gpu,
+    leaf,
+    nan_filled,
+    requires_kernels,
+)
 from kernels import _runtime
 from kernels import reference as ref
 from kernels.mse_loss import mse_loss_backward, mse_loss_forward
 
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
 
 
 SHAPES = [

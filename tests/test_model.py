@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import spec_reference
-from model import MAE, CrossMAE, create_model, get_config, list_models
-from model.masking import MaskSplit, check_ratios, patchify, split_ids, unpatchify
+from kernels.reference import patchify_reference as patchify
+from kernels.reference import unpatchify_reference
+from model import FAMILIES, MAE, CrossMAE, build_model, create_model, family_of, get_config, list_models
+from model.masking import MaskSplit, check_ratios, split_ids
 
 TINY = "crossmae_vit_tiny_patch8"
 TINY_MAE = "mae_vit_tiny_patch8"
@@ -147,7 +151,7 @@ def test_patchify_layout_is_row_column_channel():
     assert patches.shape == (2, 4, 12)
     # Patch 1 = grid row 0, column 1; its element (row 1, col 0, channel 2) is pixel (2, 1, 2).
     assert patches[0, 1, (1 * 2 + 0) * 3 + 2] == imgs[0, 2, 1, 2]
-    assert torch.equal(unpatchify(patches, 2, (2, 2)), imgs)
+    assert torch.equal(unpatchify_reference(patches, (4, 4), 2), imgs)
 
 
 # -- exactness against the literal specification -----------------------------------------------------
@@ -263,7 +267,7 @@ def test_reconstruct_pastes_visible_patches_and_unnormalises(name, monkeypatch):
 
 
 def normalize(patches):
-    from model.masking import normalize_patches
+    from kernels.reference import normalize_patches_reference as normalize_patches
 
     return normalize_patches(patches)
 
@@ -327,6 +331,43 @@ def test_every_cli_ratio_builds_or_is_refused_by_name():
 def test_mae_and_crossmae_types():
     assert isinstance(create_model(TINY), CrossMAE)
     assert isinstance(create_model(TINY_MAE), MAE)
+
+
+# -- the family registry -------------------------------------------------------------------------------------
+
+def test_every_model_is_built_from_its_family_entry():
+    assert {family.name for family in FAMILIES.values()} == set(FAMILIES) == {"crossmae", "mae"}
+    for name in list_models():
+        family = family_of(name)
+        cfg = get_config(name)
+        assert family_of(cfg) is family and family_of(family.name) is family
+        assert name.startswith(family.name + "_")
+        assert cfg.inter_block == family.inter_block
+        assert cfg.kept_mask_ratio == (family.kept_mask_ratio if family.partial_prediction else cfg.mask_ratio)
+        if "tiny" not in name:
+            assert cfg.decoder_depth == family.decoder_depth
+    assert FAMILIES["crossmae"].decoder_depth == 12 and FAMILIES["mae"].decoder_depth == 8  # SPEC.md
+    with torch.device("meta"):
+        for name in (TINY, TINY_MAE):
+            model = build_model(get_config(name, decoder_depth=1))
+            assert type(model) is family_of(name).autoencoder and model.cfg.decoder_depth == 1
+
+
+def test_partial_prediction_is_what_kept_mask_ratio_controls():
+    """CrossMAE predicts kept_mask_ratio of all patches; MAE every masked one, whatever mask_ratio says."""
+    assert family_of(TINY).partial_prediction and not family_of(TINY_MAE).partial_prediction
+    assert get_config(TINY, kept_mask_ratio=0.5).split.n_pred == 32
+    mae = get_config(TINY_MAE, mask_ratio=0.5)
+    assert mae.kept_mask_ratio == 0.5 and mae.split.n_pred == 32
+
+
+def test_unknown_family_and_foreign_configs_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown model family 'vit'"):
+        family_of("vit")
+    with pytest.raises(ValueError, match="inter_block"):
+        build_model(dataclasses.replace(get_config(TINY_MAE), inter_block=True))
+    with pytest.raises(ValueError, match="kept_mask_ratio"):
+        build_model(dataclasses.replace(get_config(TINY_MAE), kept_mask_ratio=0.25))
 
 
 def test_sincos_table_matches_the_closed_form():

@@ -17,6 +17,7 @@ import torch
 
 from train import pretrain
 from train.checkpoint import LAST, load_training_checkpoint
+from train.step import TrainStep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small and quick: the tiny model on 32-pixel crops (16 patches of 8 pixels), the demo photos.
@@ -140,13 +141,13 @@ def test_impossible_flags_are_rejected_before_any_work(tmp_path, flags, message,
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
     args = ["--output_dir", str(out), "--max_steps", "10", "--save_every", "2", "--device", "cpu", *QUICK]
-    original = pretrain.Trainer.forward_backward
+    original = TrainStep.__call__
 
-    def poisoned(self, imgs, micro):
-        loss = original(self, imgs, micro)
-        return loss * float("nan") if self.step == 4 else loss  # the 5th step goes wrong
+    def poisoned(self, batches, step, lr=None):
+        loss, waited = original(self, batches, step, lr)
+        return (loss * float("nan") if step == 4 else loss), waited  # the 5th step goes wrong
 
-    monkeypatch.setattr(pretrain.Trainer, "forward_backward", poisoned)
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
     assert pretrain.main(args) == 1
     assert "non-finite loss at step 5" in caplog.text
     assert load_training_checkpoint(out / LAST)["step"] == 4  # the last good one, not overwritten

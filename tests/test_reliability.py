@@ -21,6 +21,7 @@ from PIL import Image
 from model import read_checkpoint
 from train import pretrain
 from train.checkpoint import LAST, LOCK, load_training_checkpoint, save_atomic
+from train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 small images, 16 per batch: 4 steps per epoch; 16-pixel crops of the tiny model (4 patches), one
@@ -347,9 +348,13 @@ def test_data_path_synthetic_runs_on_synthetic_data(tmp_path, capsys):
 
 
 def test_non_finite_loss_before_any_checkpoint_names_none(images, tmp_path, monkeypatch, caplog):
-    original = pretrain.Trainer.forward_backward
-    monkeypatch.setattr(pretrain.Trainer, "forward_backward",
-                        lambda self, imgs, micro: original(self, imgs, micro) * float("nan"))
+    original = TrainStep.__call__
+
+    def poisoned(self, batches, step, lr=None):
+        loss, waited = original(self, batches, step, lr)
+        return loss * float("nan"), waited
+
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
     assert pretrain.main(["--output_dir", str(tmp_path / "run"), "--data_path", str(images), *FLAGS,
                           "--max_steps", "3"]) == 1
     assert "non-finite loss at step 1" in caplog.text
@@ -368,7 +373,7 @@ def test_resume_refuses_another_recipe_and_warns_about_other_changes(images, tmp
     assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "3", "--lr", "2e-3"]) == 2
     assert "--lr 0.001 -> 0.002" in capsys.readouterr().out
     assert pretrain.main([*args, "--data_path", str(images), "--max_steps", "3", "--decoder_depth", "2"]) == 2
-    assert "model decoder_depth 1 -> 2" in capsys.readouterr().out
+    assert "--decoder_depth 1 -> 2" in capsys.readouterr().out  # the flag, compared by its resume policy
     assert (out / LAST).read_bytes() == before
 
     moved = tmp_path / "moved"
@@ -379,22 +384,89 @@ def test_resume_refuses_another_recipe_and_warns_about_other_changes(images, tmp
     assert "--blr 0.00015 -> 0.001 (no effect: --lr is given)" in text
 
 
-def test_ctrl_c_during_start_up_and_a_double_ctrl_c_end_without_a_traceback(images, tmp_path):
-    slow_start = ("import time\nfrom train import pretrain as _p\n_b = _p.build_loader\n"
-                  "def _slow(*a, **k):\n    print('BUILDING LOADER', flush=True)\n    time.sleep(60)\n"
-                  "    return _b(*a, **k)\n_p.build_loader = _slow")
+# A wrapper that sets the child's SIGINT disposition and execs it (same pid): the test decides how the run is
+# launched, whatever pytest's own disposition (a background job of a non-interactive shell starts with SIGINT
+# ignored, and children inherit that).
+WITH_SIGINT = "import os, signal, sys\nsignal.signal(signal.SIGINT, getattr(signal, sys.argv[1]))\n" \
+              "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+# A long start-up, made deterministic: every probe of the folder scan takes 0.2 s (and is counted in the file
+# named by PROBE_COUNT), or the model build takes a minute. Each prints its marker once it is under way: the
+# scan when its main thread waits for the probes (all queued; at the latest after 20 probes).
+SLOW_SCAN = """
+import os, time
+from PIL import Image
+_open, _count = Image.open, os.open(os.environ["PROBE_COUNT"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+_first = [True]
+def _slow_open(*a, **k):
+    os.write(_count, b".")
+    time.sleep(0.2)
+    if _first:  # at the first probe: the scan may still be queueing the others (issue 19, item 8)
+        try:
+            _first.pop()  # atomic: one thread of the scan's pool prints
+            print("START-UP IS SLOW", flush=True)
+        except IndexError:
+            pass
+    return _open(*a, **k)
+Image.open = _slow_open
+"""
+SLOW_MODEL_BUILD = """
+import time, torch
+_reset = torch.nn.Linear.reset_parameters
+def _slow_reset(self):
+    print("START-UP IS SLOW", flush=True)
+    time.sleep(60)
+    _reset(self)
+torch.nn.Linear.reset_parameters = _slow_reset
+"""
+SCANNED = 400  # images in the slow scan's folder: 40 s of probes on two threads
+
+
+def popen_with_sigint(disposition: str, args, prelude: str = "", **env_extra) -> subprocess.Popen:
+    """``popen`` with the child's SIGINT set to ``disposition`` ("SIG_DFL": a terminal's foreground job,
+    "SIG_IGN": a background job) when it starts."""
+    return subprocess.Popen([sys.executable, "-c", WITH_SIGINT, disposition, *child_command(args, prelude)[1:]],
+                            cwd=ROOT, env={**env(), **env_extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.parametrize("phase,disposition", [("scan", "SIG_DFL"), ("model", "SIG_DFL"), ("model", "SIG_IGN")])
+def test_ctrl_c_during_start_up_ends_the_run_at_once_without_a_traceback(images, tmp_path, phase, disposition):
+    """One rule: a Ctrl-C stops the run, however it was launched. During a long start-up (a folder scan, a
+    model build) it ends the process within about a second (20 s allowed for a loaded machine), with one line
+    and no traceback; a scan does not run on through the probes it had not begun."""
+    count = tmp_path / "probes"
+    if phase == "scan":
+        data = tmp_path / "many"
+        (data / "cls").mkdir(parents=True)
+        jpeg = next((images / "cls").iterdir()).read_bytes()
+        for i in range(SCANNED):
+            (data / "cls" / f"{i:03d}.jpg").write_bytes(jpeg)
+    else:
+        data = images
+    args = ["--output_dir", str(tmp_path / "run"), "--data_path", str(data), *FLAGS]
+    proc = popen_with_sigint(disposition, args, prelude=SLOW_SCAN if phase == "scan" else SLOW_MODEL_BUILD,
+                             PROBE_COUNT=str(count))
+    wait_for_line(proc, "START-UP IS SLOW")
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"still running 20 s after a Ctrl-C during the {phase}:\n{output}") from None
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output, output
+    if phase == "scan":
+        assert count.stat().st_size < SCANNED, "the scan probed every image after the Ctrl-C"
+
+
+def test_a_double_ctrl_c_inside_a_step_ends_without_a_traceback(images, tmp_path):
+    """The first Ctrl-C asks for a save at the end of the step; a second one interrupts at once."""
     out = tmp_path / "run"
     args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS]
-    proc = popen(args, prelude=slow_start)
-    wait_for_line(proc, "BUILDING LOADER")
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
-    assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output
-
-    # Long steps (16 micro-batches) so that both signals land inside one step.
-    proc = popen([*args, "--max_steps", "100000", "--epochs", "1000", "--accum_iter", "64", "--batch_size", "1",
-                  "--save_every", "2"])
+    # Long steps (64 micro-batches) so that both signals land inside one step.
+    proc = popen_with_sigint("SIG_DFL", [*args, "--max_steps", "100000", "--epochs", "1000", "--accum_iter", "64",
+                                         "--batch_size", "1", "--save_every", "2"])
     wait_for_line(proc, "step 3/")
     proc.send_signal(signal.SIGINT)
     wait_for_line(proc, "SIGINT received")  # the first was handled: the second interrupts at once

@@ -22,6 +22,8 @@ from model.classifier import ViTClassifier
 from model.config import ModelConfig
 from train import classify, distributed, export
 from train.checkpoint import LAST
+from train.checkpointing import CheckpointManager
+from train.config.classify import parse_classify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).parent / "data"
@@ -290,12 +292,11 @@ def test_finetune_and_linprobe_take_an_export(default_run, tmp_path, mode):
     # At 16 px, as the other classify tests run: the export's fixed sin-cos table remade for that size.
     assert export.main([str(default_run), "--out", str(tmp_path / "timm16"), "--img_size", "16"]) == 0
     weights = tmp_path / "timm16" / export.WEIGHTS
-    parser = classify.build_parser(mode)
-    args = parser.parse_args(["--output_dir", str(tmp_path / mode), "--finetune", str(weights), "--img_size", "16",
-                              "--num_workers", "0", "--data_backend", "torch", "--global_pool", "token"
-                              if mode == "linprobe" else "avg"])
-    classify.check_args(parser, args)
-    run = classify.ClassifyRun(args, distributed.init_distributed("cpu"))
+    resolved = parse_classify(mode, ["--output_dir", str(tmp_path / mode), "--finetune", str(weights), "--img_size",
+                                     "16", "--num_workers", "0", "--data_backend", "torch", "--global_pool",
+                                     "token" if mode == "linprobe" else "avg"])
+    checkpoints = CheckpointManager(resolved.config.run.output_dir, classify.read_classify_checkpoint(mode))
+    run = classify.ClassifyRun(resolved, distributed.init_distributed("cpu"), checkpoints)
     state = read_weights(weights)
     assert torch.equal(run.model.blocks[5].attn.qkv.weight, state["blocks.5.attn.qkv.weight"])
     assert torch.equal(run.model.pos_embed, state["pos_embed"])

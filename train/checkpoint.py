@@ -28,7 +28,8 @@ from model.official import read_checkpoint
 
 LAST = "checkpoint-last.pth"
 FORMAT = "crossmae-train-v1"
-REQUIRED = ("format", "model", "optimizer", "step", "epoch", "batch_in_epoch", "args")
+REQUIRED = ("format", "model", "optimizer", "step", "epoch", "batch_in_epoch")
+SETTINGS = ("config", "args")  # the run's settings: "config" (plain data, train/config/), or "args" before it
 LOCK = "run.lock"
 _TMP_SUFFIX = ".tmp"
 
@@ -167,6 +168,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a train.pretrain checkpoint (expected format {FORMAT!r}); "
                          "to start from released weights use model.load_official")
     missing = [k for k in REQUIRED if k not in ckpt]
+    if not any(k in ckpt for k in SETTINGS):
+        missing.append("config")
     if missing:
         raise ValueError(f"{path} lacks {missing}: incomplete checkpoint")
     return ckpt

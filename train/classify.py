@@ -12,177 +12,53 @@ names), evaluate top-1 / top-5 on the validation folder after every epoch, keep
 ``checkpoint-last.pth`` (atomic, resumed by re-running the command) and ``checkpoint-best.pth``,
 and append one JSON line per epoch to ``metrics.jsonl``. Resumption is per epoch: an interrupted
 epoch is run again from its start.
+
+Flags and recipes: train/config/classify.py (configs/finetune/, configs/linprobe/). The run folder's lock and
+checkpoints, the training step, Ctrl-C / SIGTERM and the non-finite stop are pre-training's parts
+(train/checkpointing.py, train/step.py, train/run_control.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
-import math
+import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from model import classifier_names, create_classifier, read_checkpoint
+from model import create_classifier, read_checkpoint
 from model.official import short_list
-from model.timm_format import encoder_geometry, load_encoder_weights, read_weights, weights_entry
+from model.timm_format import load_encoder_weights
 from train import distributed
-from train.checkpoint import LAST, save_atomic
-from train.data import BACKENDS as DATA_BACKENDS
-from train.data import build_loader, resolve_data_path
+from train.checkpoint import CheckpointWriteError, rng_state, set_rng_state
+from train.checkpointing import CheckpointManager
+from train.config import compare, saved_settings, to_dict
+from train.config.classify import ClassifyAugment, ResolvedClassify, parse_classify, write_resolved
+from train.data import build_loader
 from train.data.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.monitor import MetricsLog, setup_logging
-from train.optim import LARS, layer_decay_groups, lr_at, set_scaled_lr
-from train.pretrain import DefaultsOnceHelpFormatter
+from train.optim import LARS, layer_decay_groups, lr_at
+from train.run_control import (
+    EXIT_DONE,
+    EXIT_FAULT,
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    NonFiniteGuard,
+    NonFiniteLoss,
+    RunStopped,
+    StopRequest,
+    honour_ctrl_c,
+)
+from train.step import TrainStep
 
 logger = logging.getLogger("train")
 
 FORMAT = "crossmae-classify-v1"
 BEST = "checkpoint-best.pth"
-
-# Defaults: the embedded digits demo (runs offline on a CPU). ImageNet commands are in the docstrings of
-# train/finetune.py and train/linprobe.py.
-DEMO_IMG_SIZE = 32
-RECIPES = {
-    "finetune": dict(batch_size=64, epochs=10, warmup_epochs=1, blr=4e-3, weight_decay=0.05, layer_decay=0.75,
-                     drop_path=0.1, global_pool="avg", optimizer="adamw", mixup=0.0, cutmix=0.0, smoothing=0.1,
-                     reprob=0.0, randaug=False, output_dir="output/finetune"),
-    # The ImageNet recipe (blr 5e-4, mixup, CutMix, RandAugment, random erasing) is for 100 epochs of 1.28M images:
-    # on 1,438 digits of 32 pixels in 220 steps its lr (1.25e-4 at batch 64) barely moves the head and its
-    # augmentations hide most of a digit, so the demo trains at 8x the lr without them (README, issue #12).
-    # MAE's probe is LARS at blr 0.1 on the cls token (see the README's ImageNet command); at the demo's scale
-    # (1,438 images, batch 128) LARS barely moves the head, so the demo defaults to SGD on averaged tokens.
-    "linprobe": dict(batch_size=128, epochs=10, warmup_epochs=1, blr=0.2, weight_decay=0.0, layer_decay=1.0,
-                     drop_path=0.0, global_pool="avg", optimizer="sgd", mixup=0.0, cutmix=0.0, smoothing=0.0,
-                     reprob=0.0, randaug=False, output_dir="output/linprobe"),
-}
-
-
-def build_parser(mode: str) -> argparse.ArgumentParser:
-    r = RECIPES[mode]
-    what = "Fine-tune" if mode == "finetune" else "Linear-probe"
-    p = argparse.ArgumentParser(prog=f"python -m train.{mode}", formatter_class=DefaultsOnceHelpFormatter,
-                                description=f"{what} a pre-trained encoder on <data_path>/train, evaluating on "
-                                            "<data_path>/val. The defaults are the digits demo's recipe (see the "
-                                            "README); ImageNet commands are in the module docstring.")
-    p.add_argument("--model", default="vit_tiny_patch8", help=f"encoder: one of {', '.join(classifier_names())}")
-    p.add_argument("--finetune", default=None, help="pre-trained weights: a pre-training checkpoint (ours or the "
-                                                     "authors') or timm ViT weights (.safetensors / .pth, e.g. from "
-                                                     "train.export) (default: none, random initialisation)")
-    p.add_argument("--img_size", type=int, default=None,
-                   help=f"input size (default: the --finetune checkpoint's, else {DEMO_IMG_SIZE})")
-    p.add_argument("--patch_size", type=int, default=None,
-                   help="patch size (default: the --finetune checkpoint's, else the model's)")
-    p.add_argument("--data_path", default="digits", help="folder with train/ and val/ image folders, or 'digits'")
-    p.add_argument("--data_backend", choices=DATA_BACKENDS, default="auto", help="image loader")
-    p.add_argument("--num_workers", type=int, default=2, help="loader workers (DALI threads)")
-    p.add_argument("--batch_size", type=int, default=r["batch_size"], help="images per process and step")
-    p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--epochs", type=int, default=r["epochs"], help="training epochs")
-    p.add_argument("--warmup_epochs", type=float, default=r["warmup_epochs"], help="linear lr warmup, in epochs")
-    p.add_argument("--blr", type=float, default=r["blr"], help="base lr: lr = blr * eff_batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: from --blr)")
-    p.add_argument("--min_lr", type=float, default=1e-6 if mode == "finetune" else 0.0,
-                   help="lr at the end of the cosine schedule")
-    p.add_argument("--weight_decay", type=float, default=r["weight_decay"], help="weight decay")
-    p.add_argument("--global_pool", choices=("avg", "token"), default=r["global_pool"],
-                   help="features: average of the patch tokens + fc_norm, or the cls token after the final norm")
-    if mode == "finetune":
-        p.add_argument("--layer_decay", type=float, default=r["layer_decay"],
-                       help="layer-wise lr decay: the head trains at lr, block i of d at lr * "
-                            "layer_decay^(d - i), the embeddings at lr * layer_decay^(d + 1)")
-        p.add_argument("--drop_path", type=float, default=r["drop_path"], help="stochastic depth rate of the last "
-                                                                               "block")
-        p.add_argument("--mixup", type=float, default=r["mixup"], help="mixup alpha (0 = off)")
-        p.add_argument("--cutmix", type=float, default=r["cutmix"], help="CutMix alpha (0 = off)")
-        p.add_argument("--smoothing", type=float, default=r["smoothing"], help="label smoothing")
-        p.add_argument("--reprob", type=float, default=r["reprob"], help="random erasing probability")
-        p.add_argument("--randaug", action=argparse.BooleanOptionalAction, default=r["randaug"],
-                       help="RandAugment, 2 ops at magnitude 9 (std 0.5)")
-    else:
-        p.add_argument("--optimizer", choices=("lars", "sgd"), default=r["optimizer"],
-                       help="LARS (MAE's ImageNet probe) or SGD with momentum 0.9")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
-                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                   help="training device (default: cuda if visible, else cpu)")
-    p.add_argument("--output_dir", default=r["output_dir"], help="checkpoints and metrics.jsonl; a run resumes "
-                                                                 "from the checkpoint found here")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation")
-    p.add_argument("--log_every", type=int, default=20, help="log the running loss every N steps")
-    p.set_defaults(mode=mode)
-    return p
-
-
-def encoder_size_of(path: str | Path) -> tuple[int, int]:
-    """(image size, patch size) the encoder in ``path`` was trained at: from the model config our
-    pre-training checkpoints record, else read off its tensors (position-table rows, patch conv), which
-    works for the authors' checkpoints and timm weights alike."""
-    checkpoint = read_weights(path)
-    cfg = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
-    if isinstance(cfg, Mapping) and isinstance(cfg.get("img_size"), int) and isinstance(cfg.get("patch_size"), int):
-        return cfg["img_size"], cfg["patch_size"]
-    geometry = encoder_geometry(weights_entry(checkpoint))
-    return geometry["img_size"], geometry["patch_size"]
-
-
-def resolve_encoder_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill --img_size / --patch_size from the --finetune checkpoint (their defaults), or refuse values that
-    contradict it: the position table and the patch conv only fit the size they were trained at."""
-    if args.finetune is None:
-        if args.img_size is None:
-            args.img_size = DEMO_IMG_SIZE
-        return
-    try:
-        img_size, patch_size = encoder_size_of(args.finetune)
-    except (KeyError, ValueError, TypeError) as e:
-        p.error(f"--finetune {args.finetune}: {e}")
-    for flag, given, saved in (("img_size", args.img_size, img_size), ("patch_size", args.patch_size, patch_size)):
-        if given is not None and given != saved:
-            p.error(f"--{flag} {given}: the encoder in {args.finetune} was pre-trained with {flag} {saved}; "
-                    f"omit --{flag} (it defaults to the checkpoint's)")
-    args.img_size, args.patch_size = img_size, patch_size
-
-
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name, low in {"batch_size": 1, "accum_iter": 1, "epochs": 1, "log_every": 1, "num_workers": 0,
-                      "img_size": 1, "patch_size": 1}.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        p.error(f"--warmup_epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}")
-    for name in ("blr", "lr", "min_lr", "weight_decay"):
-        value = getattr(args, name)
-        if value is not None and (value < 0 or not math.isfinite(value)):
-            p.error(f"--{name} must be a finite number >= 0, got {value}")
-    if args.mode == "finetune":
-        if not 0 < args.layer_decay <= 1:
-            p.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
-        if not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
-            p.error("--smoothing must be in [0, 1) and --reprob in [0, 1]")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if args.finetune is not None and not Path(args.finetune).is_file():
-        p.error(f"--finetune {args.finetune}: no such file")
-    resolve_encoder_size(p, args)
-    try:
-        root = resolve_data_path(args.data_path)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(f"--data_path: {e}")
-    for split in ("train", "val"):
-        if root is None or not (root / split).is_dir():
-            p.error(f"--data_path {args.data_path}: expected the folders {split}/ (and train/, val/) inside "
-                    f"{root}, each holding <class>/<image> files")
-    args.data_root = str(root)
-    try:
-        create_classifier(args.model, 1, img_size=args.img_size, patch_size=args.patch_size, backend="torch")
-    except ValueError as e:
-        p.error(str(e))
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
@@ -192,140 +68,180 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> to
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
 
+class Classification:
+    """The objective of fine-tuning and probing: soft-target cross-entropy of the classifier's logits, after
+    the fine-tuning recipe's augmentation (RandAugment, mixup / CutMix with label smoothing, random erasing,
+    drawn from per-epoch seeded generators; ``inputs`` runs outside autocast) or plain one-hot targets."""
+
+    def __init__(self, net: torch.nn.Module, num_classes: int, augment: ClassifyAugment | None,
+                 device: torch.device):
+        self.net, self.num_classes, self.augment = net, num_classes, augment
+        self.gen = torch.Generator(device=device)
+        self.host_gen = torch.Generator()
+
+    def start_epoch(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
+        self.host_gen.manual_seed(seed)
+
+    def inputs(self, batch, step: int, micro: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs, labels = batch
+        a = self.augment
+        if a is None:
+            return imgs, F.one_hot(labels, self.num_classes).float()
+        if a.randaug:
+            imgs = rand_augment(imgs, self.gen)
+        imgs, targets = mixup_cutmix(imgs, labels, self.num_classes, self.host_gen, a.mixup, a.cutmix,
+                                     smoothing=a.smoothing)
+        if a.reprob > 0:
+            imgs = random_erase(imgs, self.gen, prob=a.reprob)
+        return imgs, targets
+
+    def loss(self, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_target_cross_entropy(self.net(imgs), targets)
+
+
+def read_classify_checkpoint(mode: str) -> Callable[[Path], dict]:
+    """The reader of this mode's checkpoints for the checkpoint manager: another file is refused."""
+
+    def read(path: Path) -> dict:
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("mode") != mode:
+            raise ValueError(f"{path} is not a train.{mode} checkpoint: use another --output_dir")
+        return ckpt
+
+    return read
+
+
 class ClassifyRun:
-    def __init__(self, args: argparse.Namespace, dist_info: distributed.DistInfo):
-        self.args, self.dist, self.device = args, dist_info, dist_info.device
-        self.out = Path(args.output_dir)
-        self.finetune = args.mode == "finetune"
-        self.autocast_dtype = torch.bfloat16 if (args.precision or (
-            "bf16" if self.device.type == "cuda" else "fp32")) == "bf16" else None
-        root = Path(args.data_root)
-        common = dict(img_size=args.img_size, backend=args.data_backend, device=self.device, rank=dist_info.rank,
-                      world_size=dist_info.world_size, seed=args.seed, num_workers=args.num_workers, with_labels=True)
-        self.train_loader = build_loader(root / "train", batch_size=args.batch_size, train=True, **common)
-        self.val_loader = build_loader(root / "val", batch_size=args.batch_size, train=False, **common)
+    """A fine-tuning or probing run: the parts of pre-training (the run folder's lock and checkpoints, the one
+    training step, the stop rules) around a per-epoch loop that evaluates after every epoch. Resumption is per
+    epoch: a stopped or killed run continues from the start of the epoch it was in."""
+
+    def __init__(self, resolved: ResolvedClassify, dist_info: distributed.DistInfo, checkpoints: CheckpointManager):
+        self.resolved, self.dist, self.device, self.checkpoints = resolved, dist_info, dist_info.device, checkpoints
+        self.mode = resolved.mode
+        c = resolved.config
+        m, o, r = c.model, c.optim, c.run
+        self.model_opts, self.optim_opts, self.run_opts = m, o, r
+        self.out = Path(r.output_dir)
+        self.finetune = self.mode == "finetune"
+        root = Path(resolved.data_root)
+        common = dict(img_size=m.img_size, backend=c.data.data_backend, device=self.device, rank=dist_info.rank,
+                      world_size=dist_info.world_size, seed=r.seed, num_workers=c.data.num_workers, with_labels=True)
+        self.train_loader = build_loader(root / "train", batch_size=o.batch_size, train=True, **common)
+        self.val_loader = build_loader(root / "val", batch_size=o.batch_size, train=False, **common)
         if self.train_loader.classes != self.val_loader.classes:
             raise ValueError(f"train/ and val/ under {root} hold different classes: "
                              f"{self.train_loader.classes[:5]}... vs {self.val_loader.classes[:5]}...")
         self.num_classes = len(self.train_loader.classes)
-        self.steps_per_epoch = len(self.train_loader) // args.accum_iter
+        self.steps_per_epoch = len(self.train_loader) // o.accum_iter
         if self.steps_per_epoch < 1:
             raise ValueError(f"{root / 'train'} yields {len(self.train_loader)} batches per process, fewer than "
-                             f"--accum_iter={args.accum_iter}")
+                             f"--accum_iter={o.accum_iter}")
 
-        torch.manual_seed(args.seed)
-        self.model = create_classifier(args.model, self.num_classes, global_pool=args.global_pool,
-                                       drop_path=getattr(args, "drop_path", 0.0), linear_probe=not self.finetune,
-                                       img_size=args.img_size, patch_size=args.patch_size)
-        if args.finetune:
-            unused = load_encoder_weights(self.model, args.finetune)  # ours, the authors', or timm's layout
-            logger.info("loaded the encoder of %s (%d entries not used: %s)", args.finetune, len(unused),
-                        short_list(unused))
-        else:
-            logger.warning("no --finetune checkpoint: the encoder starts from random initialisation")
+        torch.manual_seed(r.seed)
+        self.model = create_classifier(m.model, self.num_classes, global_pool=m.global_pool, drop_path=m.drop_path,
+                                       linear_probe=not self.finetune, img_size=m.img_size, patch_size=m.patch_size)
+        self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
+        self.lr = o.lr if o.lr is not None else o.blr * self.eff_batch / 256
+        self.epoch, self.step, self.best_top1 = 0, 0, -1.0
+        found = checkpoints.resume(None, self._accept)
+        if found is None:
+            self._init_encoder()
         if not self.finetune:
             for name, p in self.model.named_parameters():
                 p.requires_grad = name.startswith("head.")
         self.model.to(self.device)
+        self.optimizer = self._build_optimizer()
+        if found is not None:
+            self.load_state_dict(found.state)
+            logger.info("resumed from %s after epoch %d (best top-1 %.2f%%)", found.path, self.epoch, self.best_top1)
 
-        self.eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
-        self.lr = args.lr if args.lr is not None else args.blr * self.eff_batch / 256
-        if self.finetune:
-            groups = layer_decay_groups(self.model, args.weight_decay, args.layer_decay)
-            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
+        self.ddp = distributed.wrap_ddp(self.model, dist_info)
+        self.net = self.ddp if self.ddp is not None else self.model
+        self.objective = Classification(self.net, self.num_classes, c.augment if self.finetune else None,
+                                        self.device)
+        self.train_step = TrainStep(self.optimizer, self.objective, precision=o.precision, device=self.device,
+                                    accum_iter=o.accum_iter, ddp=self.ddp)
+        self.guard = NonFiniteGuard(self.device)
+
+    def _init_encoder(self) -> None:
+        weights = self.model_opts.finetune
+        if weights:
+            unused = load_encoder_weights(self.model, weights)  # ours, the authors', or timm's layout
+            logger.info("loaded the encoder of %s (%d entries not used: %s)", weights, len(unused),
+                        short_list(unused))
         else:
-            head = [p for p in self.model.parameters() if p.requires_grad]
-            if args.optimizer == "lars":
-                self.optimizer = LARS(head, lr=self.lr, weight_decay=args.weight_decay)
-            else:
-                self.optimizer = torch.optim.SGD(head, lr=self.lr, momentum=0.9, weight_decay=args.weight_decay)
-        self.epoch, self.step, self.best_top1 = 0, 0, -1.0
-        self._resume()
-        self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if dist_info.enabled else self.model)
-        self.gen = torch.Generator(device=self.device)
-        self.host_gen = torch.Generator()
+            logger.warning("no --finetune checkpoint: the encoder starts from random initialisation")
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.optim_opts
+        if self.finetune:
+            groups = layer_decay_groups(self.model, o.weight_decay, o.layer_decay)
+            return torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
+        head = [p for p in self.model.parameters() if p.requires_grad]
+        if o.optimizer == "lars":
+            return LARS(head, lr=self.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(head, lr=self.lr, momentum=0.9, weight_decay=o.weight_decay)
 
     # -- state ----------------------------------------------------------------------------------------
 
-    def _resume(self) -> None:
-        path = self.out / LAST
-        if not path.exists():
-            return
-        ckpt = read_checkpoint(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("mode") != self.args.mode:
-            raise ValueError(f"{path} is not a train.{self.args.mode} checkpoint: use another --output_dir")
-        changed = [f"--{k} {ckpt['args'].get(k)!r} -> {getattr(self.args, k)!r}"
-                   for k in ("model", "img_size", "patch_size", "global_pool")
-                   if ckpt["args"].get(k) != getattr(self.args, k)]
-        if changed or ckpt.get("classes") != list(self.train_loader.classes):
-            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed) or 'classes'}): "
+    def _accept(self, state: dict, source: Path) -> None:
+        refused, warned = compare(saved_settings(state), self.resolved.config)
+        if state.get("classes") != list(self.train_loader.classes):
+            refused.append("classes")
+        if refused:
+            raise ValueError(f"{source} was written by a run with other settings ({', '.join(refused)}): "
                              "repeat its flags, or use another --output_dir")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.epoch, self.best_top1 = ckpt["epoch"], ckpt["best_top1"]
-        self.step = ckpt.get("step", self.epoch * self.steps_per_epoch)  # checkpoints before "step" was saved
-        logger.info("resumed from %s after epoch %d (best top-1 %.2f%%)", path, self.epoch, self.best_top1)
+        if warned:
+            logger.warning("resuming %s with changed settings: %s", source, ", ".join(warned))
 
-    def _save(self, best: bool) -> None:
-        if not self.dist.is_main:
-            return
-        state = {"format": FORMAT, "mode": self.args.mode, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "best_top1": self.best_top1,
-                 "classes": list(self.train_loader.classes), "args": dict(vars(self.args))}
-        save_atomic(state, self.out / LAST)
-        if best:
-            save_atomic(state, self.out / BEST)
+    def state_dict(self) -> dict:
+        return {"format": FORMAT, "mode": self.mode, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "best_top1": self.best_top1, "classes": list(self.train_loader.classes),
+                "rng": distributed.all_gather_objects(rng_state()), "world_size": self.dist.world_size,
+                "config": to_dict(self.resolved.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.best_top1 = state["epoch"], state["best_top1"]
+        self.step = state.get("step", self.epoch * self.steps_per_epoch)  # checkpoints before "step" was saved
+        states = state.get("rng", [])
+        if len(states) == self.dist.world_size:  # checkpoints before "rng" was saved: not restored
+            set_rng_state(states[self.dist.rank])
 
     # -- loops ----------------------------------------------------------------------------------------
 
-    def _augment(self, imgs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fine-tuning augmentation on the batch; returns images and soft targets."""
-        args = self.args
-        if not self.finetune:
-            return imgs, F.one_hot(labels, self.num_classes).float()
-        if args.randaug:
-            imgs = rand_augment(imgs, self.gen)
-        imgs, targets = mixup_cutmix(imgs, labels, self.num_classes, self.host_gen, args.mixup, args.cutmix,
-                                     smoothing=args.smoothing)
-        if args.reprob > 0:
-            imgs = random_erase(imgs, self.gen, prob=args.reprob)
-        return imgs, targets
-
-    def train_epoch(self) -> dict:
-        args = self.args
+    def train_epoch(self, stop: StopRequest) -> dict:
+        o, log_every = self.optim_opts, self.run_opts.log_every
         self.net.train()
         self.train_loader.set_epoch(self.epoch)
-        seed = (args.seed * 1_000_003 + self.dist.rank) * 10_007 + self.epoch
-        self.gen.manual_seed(seed)
-        self.host_gen.manual_seed(seed)
+        self.objective.start_epoch((self.run_opts.seed * 1_000_003 + self.dist.rank) * 10_007 + self.epoch)
         batches = iter(self.train_loader)
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            set_scaled_lr(self.optimizer, lr_at(self.epoch + step / self.steps_per_epoch, self.lr, args.min_lr,
-                                                args.warmup_epochs, args.epochs))
-            for micro in range(args.accum_iter):
-                imgs, labels = next(batches)
-                imgs, targets = self._augment(imgs, labels)
-                last = micro == args.accum_iter - 1
-                with (self.net.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()):
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
-                        loss = soft_target_cross_entropy(self.net(imgs), targets)
-                    (loss / args.accum_iter).backward()
-                loss_sum += loss.detach()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % args.log_every == 0:
+            lr = lr_at(self.epoch + step / self.steps_per_epoch, self.lr, o.min_lr, o.warmup_epochs, o.epochs)
+            loss, _ = self.train_step(batches, self.step + step, lr)
+            self.guard.observe(loss, self.step + step)
+            loss_sum += loss
+            at_log = (step + 1) % log_every == 0
+            if at_log or not self.dist.enabled:
+                if stop.agreed(self.device):
+                    self.guard.check(self.checkpoints.note())
+                    logger.warning("stopped in epoch %d; %s; run the same command to resume (the epoch runs again)",
+                                   self.epoch + 1, self.checkpoints.note())
+                    raise RunStopped
+            if at_log:
+                self.guard.check(self.checkpoints.note())
                 logger.info("epoch %d step %d/%d  loss %.4f", self.epoch, step + 1, self.steps_per_epoch,
-                            (loss_sum / ((step + 1) * args.accum_iter)).item())
+                            (loss_sum / ((step + 1) * o.accum_iter)).item())
+        self.guard.check(self.checkpoints.note())
         elapsed = time.perf_counter() - start
-        loss = distributed.mean_across_ranks(loss_sum / (self.steps_per_epoch * args.accum_iter)).item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss in epoch {self.epoch}")
-        images = self.steps_per_epoch * args.accum_iter * args.batch_size * self.dist.world_size
+        loss = distributed.mean_across_ranks(loss_sum / (self.steps_per_epoch * o.accum_iter)).item()
+        images = self.steps_per_epoch * o.accum_iter * o.batch_size * self.dist.world_size
         return {"train_loss": loss, "lr": self.optimizer.param_groups[-1]["lr"],
                 "img_per_s": round(images / elapsed, 2)}
 
@@ -336,8 +252,9 @@ class ClassifyRun:
         hits = torch.zeros(2, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        dtype = self.train_step.autocast_dtype
         for imgs, labels in self.val_loader:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = self.net(imgs).float()
             hits += accuracy_counts(logits, labels)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
@@ -348,55 +265,79 @@ class ClassifyRun:
         top1, top5, loss, n = totals.tolist()
         return {"val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
 
-    def run(self) -> int:
-        args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
+    def run(self) -> None:
+        """Train the remaining epochs. Raises RunStopped on a stop request (the last finished epoch is saved),
+        NonFiniteLoss on a non-finite loss, CheckpointWriteError when a save fails."""
+        o = self.optim_opts
         # Records are keyed by optimizer step: those after the checkpoint's (written by a run killed before it
         # saved) are set aside, since those epochs run again; those of the epochs it holds are kept.
         log = MetricsLog(self.out, self.dist.is_main, tensorboard=False, resume_step=self.step)
         logger.info("%s %s on %d classes (%d train / %d val images); lr %.3g (blr %.3g, effective batch %d)",
-                    args.mode, args.model, self.num_classes, self.train_loader.num_images,
-                    self.val_loader.num_images, self.lr, args.blr, self.eff_batch)
+                    self.mode, self.model_opts.model, self.num_classes, self.train_loader.num_images,
+                    self.val_loader.num_images, self.lr, o.blr, self.eff_batch)
         try:
-            while self.epoch < args.epochs:
-                stats = self.train_epoch()
-                stats.update(self.evaluate())
-                self.epoch += 1
-                self.step += self.steps_per_epoch
-                best = stats["val_top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, stats["val_top1"])
-                self._save(best)
-                log.write({"step": self.step, "epoch": self.epoch, **stats,
-                           "best_top1": self.best_top1})
-                logger.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  (best %.2f%%)",
-                            self.epoch, args.epochs, stats["train_loss"], stats["val_top1"], stats["val_top5"],
-                            self.best_top1)
-        except KeyboardInterrupt:
-            logger.warning("interrupted in epoch %d; %s holds the last finished epoch, run the same command to "
-                           "resume", self.epoch + 1, self.out / LAST)
-            return 130
-        except FloatingPointError as e:
-            logger.error("%s: stopping; %s holds the last good epoch", e, self.out / LAST)
-            return 1
+            with StopRequest() as stop:
+                while self.epoch < o.epochs:
+                    stats = self.train_epoch(stop)
+                    stats.update(self.evaluate())
+                    self.epoch += 1
+                    self.step += self.steps_per_epoch
+                    best = stats["val_top1"] > self.best_top1
+                    self.best_top1 = max(self.best_top1, stats["val_top1"])
+                    self.checkpoints.save(self.state_dict, self.step, keep_as=BEST if best else None)
+                    log.write({"step": self.step, "epoch": self.epoch, **stats, "best_top1": self.best_top1})
+                    logger.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  (best %.2f%%)",
+                                self.epoch, o.epochs, stats["train_loss"], stats["val_top1"], stats["val_top5"],
+                                self.best_top1)
         finally:
             log.close()
         logger.info("done: best val top-1 %.2f%%; outputs in %s", self.best_top1, self.out)
-        return 0
+
+    def close(self) -> None:
+        self.net = self.ddp = self.train_step = self.objective = None
 
 
 def main(mode: str, argv: list[str] | None = None) -> int:
-    parser = build_parser(mode)
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    dist_info = distributed.init_distributed(args.device)
-    setup_logging(dist_info.is_main)
+    """The command line of train.finetune / train.linprobe; exit statuses as train.pretrain's."""
+    honour_ctrl_c()
+    run = None
     try:
+        resolved = parse_classify(mode, argv)  # bad flags: a one-line error and exit status 2, before any work
+        is_main = int(os.environ.get("RANK", 0)) == 0
+        setup_logging(is_main)
+        checkpoints = CheckpointManager(resolved.config.run.output_dir, read_classify_checkpoint(mode),
+                                        is_main=is_main, kept_glob=None)
+        clean = False
         try:
-            run = ClassifyRun(args, dist_info)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            logger.error("%s", e)
-            return 2
-        return run.run()
-    finally:
-        distributed.shutdown()
-
+            try:
+                if is_main:
+                    checkpoints.open()
+                dist_info = distributed.init_distributed(resolved.config.run.device)
+                run = ClassifyRun(resolved, dist_info, checkpoints)
+                if is_main:  # once the folder's checkpoint (if any) has been accepted
+                    write_resolved(resolved)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                logger.error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
+                return EXIT_REFUSED
+            try:
+                run.run()
+                status = EXIT_DONE
+            except RunStopped:
+                status = EXIT_INTERRUPTED
+            except NonFiniteLoss:
+                status = EXIT_FAULT
+            clean = True
+            return status
+        except OSError as e:
+            logger.error("%s", e if isinstance(e, CheckpointWriteError) else
+                         f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); {checkpoints.note()}")
+            return EXIT_FAULT
+        finally:
+            if run is not None:
+                run.close()
+            distributed.shutdown(sync=clean)
+            checkpoints.close()
+    except KeyboardInterrupt:
+        note = run.checkpoints.note() if run is not None else "nothing was saved"
+        print(f"interrupted: {note}; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED

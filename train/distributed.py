@@ -53,6 +53,20 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def is_enabled() -> bool:
+    """Whether this process is one of several (a process group is running)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module | None:
+    """The DistributedDataParallel wrapper of ``model`` when there are peers, else None."""
+    if not info.enabled:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
 def all_gather_objects(obj):
     if not dist.is_initialized():
         return [obj]

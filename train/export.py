@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from model.timm_format import POOLS, read_weights, to_timm
+from train.checkpoint import FORMAT as TRAINING_FORMAT
+from train.config import saved_settings
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 from train.monitor import setup_logging
 
@@ -68,10 +70,9 @@ def file_sha256(path: Path) -> str:
 def source_info(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Where the weights came from: the file, its hash, and what our checkpoints record about the run."""
     info: dict[str, Any] = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path)}
-    if checkpoint.get("format") == "crossmae-train-v1":
-        args = checkpoint.get("args", {})
-        info.update(kind="train.pretrain checkpoint", model=args.get("model"), step=checkpoint.get("step"),
-                    epoch=checkpoint.get("epoch"))
+    if checkpoint.get("format") == TRAINING_FORMAT:
+        info.update(kind="train.pretrain checkpoint", model=saved_settings(checkpoint).get("model"),
+                    step=checkpoint.get("step"), epoch=checkpoint.get("epoch"))
     else:
         args = checkpoint.get("args")
         info.update(kind="released CrossMAE / MAE checkpoint, or a bare state dict",

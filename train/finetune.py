@@ -8,11 +8,10 @@ The defaults are a recipe for the demo's 1,438 digits of 32 pixels, 10 epochs of
 tuned for 100 epochs of 1.28M images; on the demo its lr (blr 5e-4 -> 1.25e-4 at batch 64) barely moves
 the head in 220 steps and its augmentation erases most of what a 32-pixel digit shows.
 
-    # ViT-B/16 on ImageNet, the authors' recipe (effective batch 1024 = 128 x 8 GPUs):
-    torchrun --nproc_per_node=8 -m train.finetune --model vit_base_patch16 --img_size 224 \\
-        --finetune runs/crossmae_b/checkpoint-last.pth --data_path /data/imagenet \\
-        --batch_size 128 --epochs 100 --warmup_epochs 5 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 \\
-        --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --reprob 0.25 --randaug --output_dir runs/ft_b
+    # ViT-B/16 on ImageNet, the authors' recipe (effective batch 1024 = 128 x 8 GPUs; configs/finetune/*.yaml
+    # hold S/B/L/H):
+    torchrun --nproc_per_node=8 -m train.finetune --config configs/finetune/vit_base_patch16.yaml \\
+        --finetune runs/crossmae_b/checkpoint-last.pth --data_path /data/imagenet
 """
 
 import sys

@@ -44,8 +44,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: to
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when the group has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
@@ -66,12 +67,6 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
         })
         group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
-
-
-def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 when the group has none)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class LARS(torch.optim.Optimizer):

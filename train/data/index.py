@@ -231,12 +231,19 @@ def scan_image_folder(root: str | os.PathLike, *, validate: str = "decode", num_
             return i, rel, st, f"{type(exc).__name__}: {exc}", False
 
     if todo:
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:  # Pillow decodes outside the GIL
+        pool = ThreadPoolExecutor(max(1, num_threads))  # Pillow decodes outside the GIL
+        try:
             for i, rel, st, result, cacheable in pool.map(probe, todo):
                 results[i] = result
                 if cacheable:
                     entries[rel] = [st.st_size, st.st_mtime_ns, *result] if isinstance(result, tuple) else \
                         [st.st_size, st.st_mtime_ns, result]
+        except BaseException:
+            # A Ctrl-C (or an error) while probes are queued or running: drop the queued ones instead of
+            # waiting for every file of the folder (minutes at ImageNet scale); running probes end on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if use_cache:
             _save_cache(cache_path, root, validate, entries)
 

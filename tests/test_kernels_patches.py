@@ -1,4 +1,5 @@
-"""Gathers and scatters (kernels/gather.py) against their references, gradients included, duplicate ids too.
+"""Patch gathers and scatters (kernels/patches.py) against their references, gradients included, duplicate ids
+too.
 """
 
 from __future__ import annotations
@@ -16,76 +17,11 @@ from kernel_helpers import (
     gpu,
     grads,
     requires_kernels,
-    reseed,
 )
 from kernels import reference as ref
 
 pytestmark = requires_kernels
 
-
-@pytest.fixture(autouse=True)
-def seed():
-    return reseed()
-
-
-@pytest.mark.parametrize("B,L,C,n", [(3, 10, 40, 4), (2, 49, 24, 37), (1, 5, 300, 5)])
-@pytest.mark.parametrize("pos_grad", [False, True])
-def test_gather_visible(B, L, C, n, pos_grad):
-    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
-    pos = torch.randn(L, C, device=DEVICE, requires_grad=pos_grad)
-    ids = distinct_ids(B, L, n)
-    out = kernels.gather_visible(x, pos, ids)
-    expected = ref.gather_visible_reference(x, pos, ids)
-    assert out.is_contiguous()
-    assert_close(out, expected, 1e-6, "out")
-    leaves = (x, pos) if pos_grad else (x,)
-    dout = torch.randn_like(out)
-    names = ("dx", "dpos")[: len(leaves)]
-    for name, g, w in zip(names, grads(out, leaves, dout), grads(expected, leaves, dout), strict=True):
-        assert_close(g, w, 1e-4, name)
-
-
-def test_gather_visible_strided_x_and_int32_ids():
-    B, L, C, n = 2, 12, 40, 5
-    x_t = torch.randn(B, C, L, device=DEVICE, requires_grad=True)  # e.g. a conv output before flatten/transpose
-    x = x_t.transpose(1, 2)
-    pos = torch.randn(L, C, device=DEVICE)
-    ids = distinct_ids(B, L, n).to(torch.int32)
-    out = kernels.gather_visible(x, pos, ids)
-    expected = ref.gather_visible_reference(x, pos, ids.long())
-    assert_close(out, expected, 1e-6, "out")
-    dout = torch.randn_like(out)
-    assert_close(grads(out, (x_t,), dout)[0], grads(expected, (x_t,), dout)[0], 1e-6, "dx")
-
-
-def test_gather_duplicate_ids_scatter_add_gradient():
-    """Duplicate ids (not produced by masking, but legal) give the exact scatter-add gradient."""
-    B, L, C, n = 3, 6, 40, 20
-    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
-    pos = torch.randn(L, C, device=DEVICE, requires_grad=True)
-    table = torch.randn(L, 24, device=DEVICE, requires_grad=True)
-    ids = torch.randint(0, L, (B, n), device=DEVICE)
-    out = kernels.gather_visible(x, pos, ids)
-    expected = ref.gather_visible_reference(x, pos, ids)
-    dout = torch.randn_like(out)
-    for name, g, w in zip(("dx", "dpos"), grads(out, (x, pos), dout), grads(expected, (x, pos), dout), strict=True):
-        assert_close(g, w, 1e-4, name)
-    rows = kernels.gather_rows(table, ids)
-    assert_close(rows, ref.gather_rows_reference(table, ids), 0, "rows")
-    drows = torch.randn_like(rows)
-    assert_close(grads(rows, (table,), drows)[0], grads(ref.gather_rows_reference(table, ids), (table,), drows)[0],
-                 1e-4, "dtable")
-
-
-@pytest.mark.parametrize("B,L,D,n", [(3, 10, 24, 7), (4, 50, 32, 49), (2, 196, 40, 17)])
-def test_gather_rows(B, L, D, n):
-    table = torch.randn(L, D, device=DEVICE, requires_grad=True)
-    ids = distinct_ids(B, L, n)
-    out = kernels.gather_rows(table, ids)
-    expected = ref.gather_rows_reference(table, ids)
-    assert_close(out, expected, 0, "out")
-    dout = torch.randn_like(out)
-    assert_close(grads(out, (table,), dout)[0], grads(expected, (table,), dout)[0], 1e-4, "dtable")
 
 
 # (B, c, H, W, patch_size, n)
@@ -194,12 +130,7 @@ def test_scatter_patches_duplicate_ids_last_wins():
     assert torch.all(dpatches[0, 0] == 0) and torch.all(dpatches[0, 1:] == 1)
 
 
-def test_gather_rejects_bad_inputs():
-    x = torch.randn(2, 10, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="pos"):
-        kernels.gather_visible(x, torch.randn(9, 8, device=DEVICE), distinct_ids(2, 10, 3))
-    with pytest.raises(ValueError, match="ids"):
-        kernels.gather_rows(x[0], torch.zeros(2, 3, device=DEVICE))
+def test_patches_reject_bad_inputs():
     with pytest.raises(ValueError, match="divisible"):
         kernels.gather_target_patches(torch.randn(1, 3, 10, 10, device=DEVICE), distinct_ids(1, 4, 2), 4)
     with pytest.raises(ValueError, match="divisible"):
@@ -208,25 +139,11 @@ def test_gather_rejects_bad_inputs():
         kernels.gather_patches(torch.randn(2, 3, 8, 8, device=DEVICE), distinct_ids(1, 4, 2), 4)
 
 
-
 @gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-def test_gathers_gpu(dtype):
-    B, L, C, p = 16, 196, 768, 16
-    x = torch.randn(B, L, C, device=DEVICE, dtype=dtype, requires_grad=True)
-    pos = torch.randn(L, C, device=DEVICE)
-    ids = distinct_ids(B, L, 49)
-    out = kernels.gather_visible(x, pos, ids)
-    expected = ref.gather_visible_reference(x, pos, ids)
-    assert_close(out, expected, RTOL[dtype], "gather_visible")
-    dout = torch.randn_like(out)
-    assert_close(grads(out, (x,), dout)[0], grads(expected, (x,), dout)[0], 0, "dx")
-    table = torch.randn(L, 512, device=DEVICE, dtype=dtype, requires_grad=True)
-    rows = kernels.gather_rows(table, ids)
-    drows = torch.randn_like(rows)
-    assert_close(grads(rows, (table,), drows)[0],
-                 grads(ref.gather_rows_reference(table.float(), ids), (table,), drows.float())[0].to(dtype),
-                 RTOL[dtype], "dtable")
+def test_patches_gpu(dtype):
+    B, p = 16, 16
+    ids = distinct_ids(B, 196, 49)
     imgs = torch.randn(B, 3, 224, 224, device=DEVICE, dtype=dtype)
     got = kernels.gather_target_patches(imgs, ids, p)
     want = ref.gather_target_patches_reference(imgs, ids, p)
