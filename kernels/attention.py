@@ -2,6 +2,7 @@
 
 Public: `attention(q, k, v)`, and for views of one fused projection `self_attention(qkv)` /
 `cross_attention(q, kv)`, whose backward hands autograd ONE packed gradient (2026-12-01, issue #10).
+(One file above the usual ~500 lines: the three ops share the same four kernels and their block-size rules.)
 
 Supported
     attention: q (B, Lq, H, d), k and v (B, Lk, H, d), any strides (views of a fused projection are read in

@@ -21,8 +21,6 @@ checkpoints, the training step, Ctrl-C / SIGTERM and the non-finite stop are pre
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,25 +32,15 @@ from model import create_classifier, read_checkpoint
 from model.official import short_list
 from model.timm_format import load_encoder_weights
 from train import distributed
-from train.checkpoint import CheckpointWriteError, rng_state, set_rng_state
+from train.checkpoint import rng_state, set_rng_state
 from train.checkpointing import CheckpointManager
 from train.config import compare, saved_settings, to_dict
 from train.config.classify import ClassifyAugment, ResolvedClassify, parse_classify, write_resolved
 from train.data import build_loader
 from train.data.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
-from train.monitor import MetricsLog, setup_logging
+from train.monitor import MetricsLog
 from train.optim import LARS, layer_decay_groups, lr_at
-from train.run_control import (
-    EXIT_DONE,
-    EXIT_FAULT,
-    EXIT_INTERRUPTED,
-    EXIT_REFUSED,
-    NonFiniteGuard,
-    NonFiniteLoss,
-    RunStopped,
-    StopRequest,
-    honour_ctrl_c,
-)
+from train.run_control import NonFiniteGuard, RunStopped, StopRequest, execute
 from train.step import TrainStep
 
 logger = logging.getLogger("train")
@@ -299,45 +287,5 @@ class ClassifyRun:
 
 def main(mode: str, argv: list[str] | None = None) -> int:
     """The command line of train.finetune / train.linprobe; exit statuses as train.pretrain's."""
-    honour_ctrl_c()
-    run = None
-    try:
-        resolved = parse_classify(mode, argv)  # bad flags: a one-line error and exit status 2, before any work
-        is_main = int(os.environ.get("RANK", 0)) == 0
-        setup_logging(is_main)
-        checkpoints = CheckpointManager(resolved.config.run.output_dir, read_classify_checkpoint(mode),
-                                        is_main=is_main, kept_glob=None)
-        clean = False
-        try:
-            try:
-                if is_main:
-                    checkpoints.open()
-                dist_info = distributed.init_distributed(resolved.config.run.device)
-                run = ClassifyRun(resolved, dist_info, checkpoints)
-                if is_main:  # once the folder's checkpoint (if any) has been accepted
-                    write_resolved(resolved)
-            except (FileNotFoundError, ValueError, KeyError) as e:
-                logger.error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
-                return EXIT_REFUSED
-            try:
-                run.run()
-                status = EXIT_DONE
-            except RunStopped:
-                status = EXIT_INTERRUPTED
-            except NonFiniteLoss:
-                status = EXIT_FAULT
-            clean = True
-            return status
-        except OSError as e:
-            logger.error("%s", e if isinstance(e, CheckpointWriteError) else
-                         f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); {checkpoints.note()}")
-            return EXIT_FAULT
-        finally:
-            if run is not None:
-                run.close()
-            distributed.shutdown(sync=clean)
-            checkpoints.close()
-    except KeyboardInterrupt:
-        note = run.checkpoints.note() if run is not None else "nothing was saved"
-        print(f"interrupted: {note}; run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return execute(lambda: parse_classify(mode, argv), ClassifyRun, read_classify_checkpoint(mode), write_resolved,
+                   kept_glob=None)

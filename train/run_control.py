@@ -1,17 +1,27 @@
-"""How a training loop stops: on request (Ctrl-C, SIGTERM), or on a non-finite loss; and the exit statuses.
+"""How a training run starts and stops: on request (Ctrl-C, SIGTERM), on a non-finite loss, on a fault; and the
+exit statuses.
 
 The loops raise ``RunStopped`` (saved on request: exit 130) or ``NonFiniteLoss`` (not saved: exit 1);
-``main()`` of each command maps them to the process's exit status, so no loop returns a status code.
+``execute`` (every training command's ``main``) maps them, refusals and write failures to the process's exit
+status, so no loop returns a status code.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from train import distributed
+from train.checkpoint import CheckpointWriteError
+from train.checkpointing import CheckpointManager
+from train.monitor import setup_logging
 
 logger = logging.getLogger("train")
 
@@ -82,3 +92,68 @@ class NonFiniteGuard:
             where = f"step {int(self.bad_step.item()) + 1}" if self.bad_step.item() >= 0 else "another process's step"
             logger.error("non-finite loss at %s: stopping without saving; %s", where, note)
             raise NonFiniteLoss(where)
+
+
+class Run(Protocol):
+    """A training run as ``execute`` drives it."""
+
+    checkpoints: CheckpointManager
+
+    def run(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def execute(parse: Callable[[], Any], build: Callable[[Any, distributed.DistInfo, CheckpointManager], Run],
+            read: Callable[[Path], dict[str, Any]], record: Callable[[Any], Any],
+            kept_glob: str | None = "checkpoint-[0-9]*.pth") -> int:
+    """Run a training command; returns its exit status: 0 done, 1 stopped by a fault (non-finite loss, a failed
+    write), 2 refused (flags, folder, checkpoint), 130 interrupted.
+
+    ``parse()`` resolves the command line (bad flags: one line and exit 2, before any work); the run folder is
+    opened (locked) on rank 0, ``build(resolved, dist_info, checkpoints)`` makes the run (it resumes or refuses
+    the folder's checkpoint, read by ``read``), then rank 0 records the resolved settings (``record``)."""
+    honour_ctrl_c()
+    run = None
+    try:
+        resolved = parse()
+        is_main = int(os.environ.get("RANK", 0)) == 0
+        setup_logging(is_main)
+        checkpoints = CheckpointManager(resolved.config.run.output_dir, read, is_main=is_main, kept_glob=kept_glob)
+        clean = False
+        try:
+            try:
+                if is_main:
+                    checkpoints.open()
+                run = build(resolved, distributed.init_distributed(resolved.config.run.device), checkpoints)
+                if is_main:  # once the folder's checkpoint (if any) has been accepted
+                    record(resolved)
+            except (FileNotFoundError, ValueError, KeyError) as e:  # KeyError's str() would quote the message
+                logger.error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
+                return EXIT_REFUSED
+            try:
+                run.run()
+                status = EXIT_DONE
+            except RunStopped:
+                status = EXIT_INTERRUPTED
+            except NonFiniteLoss:
+                status = EXIT_FAULT
+            clean = True  # every rank ends here together
+            return status
+        except OSError as e:  # a full disk or a folder gone read-only mid-run; CheckpointWriteError says more
+            logger.error("%s", e if isinstance(e, CheckpointWriteError) else
+                         f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); {checkpoints.note()}")
+            return EXIT_FAULT
+        finally:
+            if run is not None:
+                run.close()
+            distributed.shutdown(sync=clean)
+            checkpoints.close()
+    except KeyboardInterrupt:
+        # Ctrl-C before the loop's handler is installed (start-up), or a second Ctrl-C inside it.
+        if run is None:
+            print("interrupted during start-up; nothing was saved", file=sys.stderr)
+        else:
+            print(f"interrupted: the step in progress is not saved; {run.checkpoints.note()}; run the same "
+                  "command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -37,13 +37,40 @@ from train.step import MaskedAutoencoding, TrainStep, resolve_precision
 
 logger = logging.getLogger("train")
 
-# Model config fields that change the implementation, not the function it computes: a warning only.
-CONFIG_IMPLEMENTATION = ("backend",)
-
-
 def config_dict(cfg) -> dict[str, Any]:
     """The model config as plain values (tuples as lists, as a checkpoint gives them back)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+
+
+def differences(state: dict[str, Any], resolved: ResolvedPretrain, world_size: int,
+                num_images: int) -> tuple[list[str], list[str]]:
+    """(differences that make another experiment, differences only worth a warning) between the run that wrote
+    ``state`` and this one, each "name old -> new": the settings by their resume policy, the model config's
+    fields no flag sets, the number of processes, the dataset's size."""
+    refused, warned = compare(saved_settings(state), resolved.config)
+    saved_cfg, cfg = state.get("model_config") or {}, config_dict(resolved.model_config)
+    for key in sorted((set(saved_cfg) | set(cfg)) - set(flat_settings(resolved.config))):
+        if saved_cfg.get(key) != cfg.get(key):
+            refused.append(f"model {key} {saved_cfg.get(key)!r} -> {cfg.get(key)!r}")
+    if state.get("world_size", 1) != world_size:
+        refused.append(f"processes {state.get('world_size', 1)} -> {world_size}")
+    saved_images = state.get("data", {}).get("num_images")
+    if saved_images is not None and saved_images != num_images:
+        warned.append(f"images {saved_images} -> {num_images} (the data order differs from the run's so far)")
+    return refused, warned
+
+
+def backend_notice(backend: str, device: torch.device) -> None:
+    """--backend triton where Triton cannot run (a CPU without TRITON_INTERPRET=1): the model's ops fall back to
+    the PyTorch references, which the run says once instead of claiming the kernels."""
+    if backend != "triton":
+        return
+    import kernels
+
+    if not kernels.triton_can_run(torch.empty(0, device=device)):
+        logger.warning("--backend triton: Triton kernels cannot run on %s here (no CUDA GPU, TRITON_INTERPRET "
+                       "unset), so the PyTorch reference ops run instead (same results, usually slower); use "
+                       "--backend torch to say so, or a GPU for the kernels", device)
 
 
 class PretrainTrainer:
@@ -156,31 +183,12 @@ class PretrainTrainer:
     def _accept(self, state: dict[str, Any], source: Path) -> None:
         """Raise ValueError (nothing loaded) if ``state`` was written by another experiment; warn about every
         other changed setting."""
-        refused, warned = self.compare(state)
+        refused, warned = differences(state, self.resolved, self.dist.world_size, self.loader.num_images)
         if refused:
             raise ValueError(f"{source} was written by a run with other settings ({', '.join(refused)}): resuming "
                              "would not continue that run; repeat its flags, or use another --output_dir")
         if warned:
             logger.warning("resuming %s with changed settings: %s", source, ", ".join(warned))
-
-    def compare(self, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """(differences that make another experiment, differences only worth a warning), each "name old -> new":
-        the settings by their resume policy, the model config, the number of processes, the dataset's size."""
-        refused, warned = compare(saved_settings(state), self.resolved.config)
-        # The model config's fields that no flag sets (widths, depths, ...: the model name's) are compared too.
-        saved_cfg, cfg = state.get("model_config") or {}, config_dict(self.cfg)
-        flags = set(flat_settings(self.resolved.config))
-        for key in sorted((set(saved_cfg) | set(cfg)) - flags):
-            if saved_cfg.get(key) != cfg.get(key):
-                change = f"model {key} {saved_cfg.get(key)!r} -> {cfg.get(key)!r}"
-                (warned if key in CONFIG_IMPLEMENTATION else refused).append(change)
-        if state.get("world_size", 1) != self.dist.world_size:
-            refused.append(f"processes {state.get('world_size', 1)} -> {self.dist.world_size}")
-        saved_images = state.get("data", {}).get("num_images")
-        if saved_images is not None and saved_images != self.loader.num_images:
-            warned.append(f"images {saved_images} -> {self.loader.num_images} (the data order differs from the "
-                          "run's so far)")
-        return refused, warned
 
     def save(self, keep: bool = False) -> None:
         """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``keep``), unless a non-finite loss was seen
@@ -205,7 +213,7 @@ class PretrainTrainer:
         if self.resolved.demo_recipe:
             logger.info("demo recipe (flags not given): %s, %d-pixel crops in %d patches", self.resolved.demo_recipe,
                         self.cfg.img_size, self.cfg.num_patches)
-        self._backend_notice()
+        backend_notice(self.cfg.backend, self.device)
         if self.step >= self.total_steps:
             logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
             return
@@ -272,18 +280,6 @@ class PretrainTrainer:
         logger.warning("stopped at step %d; checkpoint saved to %s; run the same command to resume", self.step,
                        self.out / LAST)
         raise RunStopped
-
-    def _backend_notice(self) -> None:
-        """--backend triton where Triton cannot run (a CPU without TRITON_INTERPRET=1): the model's ops fall back
-        to the PyTorch references, which the run says once instead of claiming the kernels."""
-        if self.cfg.backend != "triton":
-            return
-        import kernels
-
-        if not kernels.triton_can_run(torch.empty(0, device=self.device)):
-            logger.warning("--backend triton: Triton kernels cannot run on %s here (no CUDA GPU, TRITON_INTERPRET "
-                           "unset), so the PyTorch reference ops run instead (same results, usually slower); use "
-                           "--backend torch to say so, or a GPU for the kernels", self.device)
 
     def close(self) -> None:
         """Drop the DDP wrapper, which holds the process group, so that ``distributed.shutdown`` really ends the
