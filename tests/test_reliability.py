@@ -507,3 +507,37 @@ def test_checkpoints_follow_the_umask(tmp_path):
         assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+# -- issue 19: links planted in a shared run folder, and a damaged metrics.jsonl -------------------------------
+
+@pytest.mark.parametrize("planted", ["run.lock", "metrics.jsonl.superseded", "metrics.jsonl"])
+def test_a_symbolic_link_planted_in_the_run_folder_is_never_written_through(images, tmp_path, capsys, planted):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS]
+    assert pretrain.main([*args, "--max_steps", "2"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:  # a record the checkpoint does not hold: the resume supersedes it
+        f.write(json.dumps({"step": 99, "loss": 1.0}) + "\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = out / planted
+    target.unlink(missing_ok=True)
+    target.symlink_to(victim)
+    status = pretrain.main([*args, "--max_steps", "3"])
+    assert victim.read_text() == "precious\n"
+    assert target.is_symlink()  # left for the user to look at, not replaced silently
+    text = capsys.readouterr().out
+    assert status in (1, 2) and f"{target} is a symbolic link" in text, text
+
+
+def test_a_metrics_file_with_bytes_that_are_not_utf8_resumes_keeping_the_good_records(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(images), *FLAGS]
+    assert pretrain.main([*args, "--max_steps", "2"]) == 0
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage \x80\n")
+    assert pretrain.main([*args, "--max_steps", "3"]) == 0
+    assert "1 damaged line(s)" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (out / "metrics.jsonl.damaged").read_bytes() == b"\xff\xfe garbage \x80\n"

@@ -17,7 +17,6 @@ import random
 import shutil
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from model.official import read_checkpoint
+from train.files import open_nofollow, replace_atomically
 
 LAST = "checkpoint-last.pth"
 FORMAT = "crossmae-train-v1"
@@ -38,41 +38,18 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the file it would have replaced is untouched."""
 
 
-def _file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file: 0o666 less the umask (mkstemp's is 0o600)."""
-    try:  # Linux states it; elsewhere reading the umask means setting it (briefly, process-wide)
-        with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and an atomic rename.
+    """Write ``obj`` to ``path`` via a fresh temporary file, flushed to disk, and an atomic rename
+    (train/files.py: never through a planted symbolic link).
 
     Raises CheckpointWriteError (one line: the file, the reason, "the previous one is intact") when the
     folder cannot be written or fills up; the temporary file is removed then."""
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_atomically(path, lambda f: torch.save(obj, f), durable=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos")
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise CheckpointWriteError(_write_failure(path, e)) from e
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
 
 
@@ -123,7 +100,7 @@ class RunLock:
         """Take the lock or raise RunLockedError naming the holder; OSError if the file cannot be made."""
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint import LAST, RunLock, RunLockedError, remove_stale_temporaries, save_atomic
+from train.files import PlantedLinkError
 
 logger = logging.getLogger("train")
 
@@ -73,6 +74,8 @@ class CheckpointManager:
             lock.acquire()
         except RunLockedError as e:
             raise ValueError(str(e)) from e
+        except PlantedLinkError as e:
+            raise ValueError(e.strerror) from e
         except OSError as e:  # read-only, permission denied, full disk: the lock file is the write probe
             raise ValueError(f"--output_dir {out} is not writable ({e.strerror}): choose another folder or free "
                              "space") from e

@@ -8,29 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from train.cards import peak_flops as peak_flops  # MFU's card peaks: the one table, train/cards.py
+from train.files import open_for_append, open_nofollow, replace_atomically
 
 logger = logging.getLogger("train")
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; cards not listed get no MFU.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
 
 
 def setup_logging(is_main: bool) -> None:
@@ -68,29 +49,39 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def _drop_after(self, step: int) -> None:
-        if not self.path.exists():
+        """Set aside the records of steps after ``step`` (to ``.superseded``) and any damaged line (torn by a
+        kill mid-write, or bytes that are not a JSON record: to ``.damaged``), keeping the good ones."""
+        if not os.path.lexists(self.path):
             return
-        kept, dropped = [], []
-        for line in self.path.read_text().splitlines(keepends=True):
+        with os.fdopen(open_nofollow(self.path, os.O_RDONLY), "rb") as f:
+            content = f.read()
+        kept, dropped, damaged = [], [], []
+        for line in content.splitlines(keepends=True):
+            line = line if line.endswith(b"\n") else line + b"\n"
             try:
-                later = json.loads(line)["step"] > step
-            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write: not a record
-                later = True
-            (dropped if later else kept).append(line if line.endswith("\n") else line + "\n")
-        if not dropped:
+                later = json.loads(line.decode("utf-8"))["step"] > step
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                damaged.append(line)
+                continue
+            (dropped if later else kept).append(line)
+        for lines, suffix in ((dropped, "superseded"), (damaged, "damaged")):
+            if lines:
+                with open_for_append(self.path.with_name(f"{self.path.name}.{suffix}"), binary=True) as f:
+                    f.writelines(lines)
+        if not dropped and not damaged:
             return
-        with open(self.path.with_name(self.path.name + ".superseded"), "a") as f:
-            f.writelines(dropped)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
-        logger.info("metrics.jsonl: %d record(s) after step %d moved to %s.superseded (those steps run again)",
-                    len(dropped), step, self.path.name)
+        replace_atomically(self.path, lambda f: f.writelines(kept))
+        if dropped:
+            logger.info("metrics.jsonl: %d record(s) after step %d moved to %s.superseded (those steps run again)",
+                        len(dropped), step, self.path.name)
+        if damaged:
+            logger.warning("metrics.jsonl: %d damaged line(s) (not a JSON record) moved to %s.damaged; the %d good "
+                           "record(s) are kept", len(damaged), self.path.name, len(kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open_for_append(self.path) as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())

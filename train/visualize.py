@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from train.data import IMAGENET_MEAN, IMAGENET_STD
+from train.files import replace_atomically
 
 MIN_CELL = 128  # pixels: small crops are enlarged (nearest neighbour, so patch edges stay visible) to this
 
@@ -26,9 +27,7 @@ def to_uint8(imgs: torch.Tensor) -> np.ndarray:
 
 
 def _save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp.png"  # a viewer (or a kill) never sees half a file
-    image.save(tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: image.save(f, format="png"))  # a viewer (or a kill) never sees half a file
 
 
 @torch.no_grad()
@@ -133,7 +132,5 @@ def save_loss_curve(metrics: str | os.PathLike, path: str | os.PathLike, title: 
     ax.set_title(title or f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {steps[-1]} steps", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png"))
     return True

@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from train.files import replace_atomically
+
 R = TypeVar("R")  # what a command's resolve function returns
 
 OPTION = "option"  # field metadata key of an option
@@ -464,9 +466,8 @@ def write_run_config(config: Any, prog: str) -> Path:
 def write_yaml(config: Any, path: str | os.PathLike, header: str = "") -> Path:
     """Write ``to_yaml(config, header)`` to ``path`` atomically (a reader never sees half a file)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_yaml(config, header), encoding="utf-8")
-    os.replace(tmp, path)
+    text = to_yaml(config, header).encode("utf-8")
+    replace_atomically(path, lambda f: f.write(text))  # never through a planted link (train/files.py)
     return path
 
 
