@@ -618,3 +618,35 @@ def test_ctrl_c_while_the_scan_queues_its_probes_does_not_wait_for_them(tmp_path
         data_index.scan_image_folder(root, classes=False, num_threads=2, cache_dir=tmp_path / "cache")
     time.sleep(0.3)  # the probes that were running finish; no queued one may start after the interrupt
     assert len(probed) <= 6, f"{len(probed)} of 29 queued probes ran after the Ctrl-C"
+
+
+@pytest.mark.parametrize("garbage", ["[1, 2, 3]", "null", '{"version": 1, "entries": {"a.png": 5}}', '"x"'])
+def test_a_scan_cache_of_the_wrong_shape_is_rebuilt_with_a_warning(tmp_path, caplog, garbage):
+    # Issue 19, item 2: valid JSON of another shape used to end in AttributeError / TypeError tracebacks.
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    data_index.scan_image_folder(root, classes=False, cache_dir=tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache").rglob("*.json")
+    cache_file.write_text(garbage)
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        index = data_index.scan_image_folder(root, classes=False, cache_dir=tmp_path / "cache")
+    assert len(index.files) == 3 and "scanning again" in caplog.text
+
+
+@pytest.mark.parametrize("marker", ["[]", "null", '"x"', "deleted images"])
+def test_a_demo_marker_that_does_not_validate_is_rebuilt(tmp_path, caplog, marker):
+    # Issue 19, item 2: a marker of the wrong shape was a traceback; images deleted under an intact marker
+    # trained silently on what was left.
+    folder = demo_data.materialize_demo(tmp_path, num_images=12)
+    if marker == "deleted images":
+        for jpg in sorted(folder.rglob("*.jpg"))[:5]:
+            jpg.unlink()
+    else:
+        (folder / demo_data._MARKER).write_text(marker)
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        again = demo_data.materialize_demo(tmp_path, num_images=12)
+    assert "rebuilding" in caplog.text
+    assert len(list(again.rglob("*.jpg"))) == 12

@@ -87,10 +87,28 @@ def heldout_photos() -> list[Path]:
 
 
 def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished build of this version: a marker that validates (a JSON object of the
+    current version whose image count matches the files there). A marker that exists but does not validate
+    (another shape, an old version, images deleted since) is reported, and the folder is rebuilt."""
+    marker = folder / _MARKER
     try:
-        return json.loads((folder / _MARKER).read_text()).get("version") == _VERSIONS[folder.name]
-    except (OSError, ValueError):
+        info = json.loads(marker.read_text())
+    except FileNotFoundError:
         return False
+    except (OSError, ValueError) as e:
+        logger.warning("%s is unreadable (%s): rebuilding %s", marker, e, folder)
+        return False
+    expected = info.get("images") if isinstance(info, dict) else None
+    if isinstance(expected, dict):
+        expected = sum(expected.values()) if all(isinstance(v, int) for v in expected.values()) else None
+    if not isinstance(info, dict) or info.get("version") != _VERSIONS[folder.name] or not isinstance(expected, int):
+        logger.warning("%s is not a marker of this version (%.80r): rebuilding %s", marker, info, folder)
+        return False
+    found = sum(1 for f in folder.rglob("*") if f.is_file() and f.name != _MARKER)
+    if found != expected:
+        logger.warning("%s holds %d of its %d images: rebuilding it", folder, found, expected)
+        return False
+    return True
 
 
 def _write_demo(out: Path, photos: list[Path], num_images: int, seed: int) -> int:
@@ -193,7 +211,11 @@ def _materialize(name: str, build, cache_dir: str | os.PathLike | None, force: b
         except OSError:
             if not _complete(final):  # a leftover that is not ours and not complete: replace it
                 _move_aside(final, base)
-                os.rename(tmp, final)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another process, racing on the same outdated folder, published its build first
+                    if not _complete(final):
+                        raise
         else:
             logger.info("built the %s dataset in %s (%.1f s)", name, final, time.perf_counter() - t0)
     finally:

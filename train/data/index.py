@@ -157,14 +157,30 @@ def _cache_file(root: Path, cache_dir: Path | None) -> Path:
 def _load_cache(path: Path, root: Path, validate: str) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("scan cache %s is unreadable (%s): scanning again", path, e)
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not all(_valid_entry(v) for v in entries.values()):
+        logger.warning("scan cache %s does not have the cache's shape: scanning again", path)
         return {}
     if data.get("version") != _SCAN_CACHE_VERSION or data.get("root") != str(root):
         return {}
     # A "header" scan must not vouch for a later "decode" scan; the reverse is fine.
     if validate == "decode" and data.get("validate") != "decode":
         return {}
-    return data.get("entries", {})
+    return entries
+
+
+def _valid_entry(entry) -> bool:
+    """[size, mtime_ns, width, height] of a good image or [size, mtime_ns, reason] of a bad one."""
+    if not isinstance(entry, list) or len(entry) not in (3, 4):
+        return False
+    ints = entry if len(entry) == 4 else entry[:2]
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and (len(entry) == 4 or
+                                                                                isinstance(entry[2], str))
 
 
 def _save_cache(path: Path, root: Path, validate: str, entries: dict) -> None:
