@@ -650,3 +650,21 @@ def test_a_demo_marker_that_does_not_validate_is_rebuilt(tmp_path, caplog, marke
         again = demo_data.materialize_demo(tmp_path, num_images=12)
     assert "rebuilding" in caplog.text
     assert len(list(again.rglob("*.jpg"))) == 12
+
+
+def test_two_builds_racing_on_an_outdated_demo_folder_both_succeed(tmp_path, monkeypatch):
+    # Issue 19, item 4: both processes find an outdated marker; one publishes its build between the other's
+    # moving the old folder aside and its own rename, which then failed with "Directory not empty".
+    folder = demo_data.materialize_demo(tmp_path, num_images=6)
+    (folder / demo_data._MARKER).write_text('{"version": -1, "images": 6}')  # outdated
+    rival = demo_data.materialize_demo(tmp_path / "rival", num_images=6)  # the other process's finished build
+    real_move_aside = demo_data._move_aside
+
+    def move_aside_then_rival_publishes(path, base):
+        real_move_aside(path, base)
+        if path == folder and not path.exists():
+            os.rename(rival, path)
+
+    monkeypatch.setattr(demo_data, "_move_aside", move_aside_then_rival_publishes)
+    assert demo_data.materialize_demo(tmp_path, num_images=6) == folder
+    assert len(list(folder.rglob("*.jpg"))) == 6
