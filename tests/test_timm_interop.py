@@ -267,6 +267,16 @@ def test_export_cli_refuses_token_layout_without_norm_and_names_the_fix(default_
     assert not (tmp_path / export.WEIGHTS).exists()
 
 
+
+def test_export_under_a_file_is_refused_in_one_line(default_run, tmp_path, capsys):
+    # Issue 19, item 7: --out FILE/sub ended in a NotADirectoryError traceback.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert export.main([str(default_run), "--out", str(blocker / "sub")]) == 2
+    text = capsys.readouterr().out
+    assert f"--out {blocker / 'sub'}: cannot write there" in text and "Traceback" not in text
+    assert blocker.read_text() == "not a folder"
+
 # -- the training commands take timm weights --------------------------------------------------------------
 
 def test_pretrain_init_encoder_takes_an_export(default_run, tmp_path):

@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         logger.error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
         return 2
+    except OSError as e:  # --out under a file, read-only, full: nothing half-written is left as the export
+        logger.error("--out %s: cannot write there (%s%s): choose another folder", args.out, e.strerror or e,
+                     f": {e.filename}" if e.filename else "")
+        return 2
     logger.info("wrote %s (%d tensors, %s layout, %d px) and %s", Path(args.out) / WEIGHTS, meta["num_tensors"],
                 meta["timm_model"] if not meta["timm_kwargs"].get("global_pool") else meta["timm_model"] + " avg-pool",
                 meta["img_size"], Path(args.out) / META)
