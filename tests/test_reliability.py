@@ -541,3 +541,37 @@ def test_a_metrics_file_with_bytes_that_are_not_utf8_resumes_keeping_the_good_re
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert (out / "metrics.jsonl.damaged").read_bytes() == b"\xff\xfe garbage \x80\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--blr", "1e300", "--warmup_epochs", "0"], "beyond float32"),
+    (["--lr", "1e-4", "--min_lr", "1"], "--min_lr 1 is above the lr"),
+    (["--seed", "18446744073709551616"], "--seed 18446744073709551616 does not fit in 64 bits"),
+])
+def test_flags_that_pass_the_range_checks_but_cannot_train_are_refused_in_one_line(images, tmp_path, capsys, flags,
+                                                                                    message):
+    # Issue 19, item 5: these used to end in a traceback from inside AdamW, an lr climbing to a loss of 101
+    # (exit 0), or "Overflow when unpacking long long" naming no flag.
+    args = ["--output_dir", str(tmp_path / "run"), "--data_path", str(images), *FLAGS, "--max_steps", "2"]
+    args = [a for a in args if a not in ("--lr", "1e-3")] + flags  # FLAGS' --lr would override --blr
+    try:
+        status = pretrain.main(args)
+    except SystemExit as e:  # refused by the command line's checks
+        status = e.code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert status == 2 and message in text and "Traceback" not in text, text
+    assert not (tmp_path / "run" / LAST).exists()
+
+
+def test_a_batch_that_does_not_fit_in_memory_names_the_flag_to_lower(images, tmp_path, capsys, monkeypatch):
+    # Issue 19, item 5: an allocator traceback; now one line naming --batch_size. The allocator's failure is
+    # simulated at the first step (the CPU allocator raises a RuntimeError, a GPU's torch.OutOfMemoryError).
+    def no_memory(self, batches, step, lr=None):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10995116277760 bytes")
+
+    monkeypatch.setattr(TrainStep, "__call__", no_memory)
+    status = pretrain.main(["--output_dir", str(tmp_path / "run"), "--data_path", str(images), *FLAGS,
+                            "--max_steps", "2"])
+    text = capsys.readouterr().out
+    assert status == 1 and "out of memory" in text and "lower --batch_size" in text, text

@@ -39,7 +39,7 @@ from train.config.classify import ClassifyAugment, ResolvedClassify, parse_class
 from train.data import build_loader
 from train.data.augment import mixup_cutmix, rand_augment, random_erase, soft_target_cross_entropy
 from train.monitor import MetricsLog
-from train.optim import LARS, layer_decay_groups, lr_at
+from train.optim import LARS, check_lr, layer_decay_groups, lr_at
 from train.run_control import NonFiniteGuard, RunStopped, StopRequest, execute
 from train.step import TrainStep
 
@@ -131,7 +131,8 @@ class ClassifyRun:
         self.model = create_classifier(m.model, self.num_classes, global_pool=m.global_pool, drop_path=m.drop_path,
                                        linear_probe=not self.finetune, img_size=m.img_size, patch_size=m.patch_size)
         self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
-        self.lr = o.lr if o.lr is not None else o.blr * self.eff_batch / 256
+        self.lr = check_lr(o.lr if o.lr is not None else o.blr * self.eff_batch / 256, o.min_lr,
+                           "--lr" if o.lr is not None else f"--blr {o.blr:g}")
         self.epoch, self.step, self.best_top1 = 0, 0, -1.0
         found = checkpoints.resume(None, self._accept)
         if found is None:

@@ -19,6 +19,20 @@ def scaled_lr(blr: float, eff_batch: int, mask_ratio: float, kept_mask_ratio: fl
     return (kept_mask_ratio / mask_ratio) * blr * eff_batch / BASE_BATCH
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_lr(lr: float, min_lr: float, given: str) -> float:
+    """Refuse a learning rate the optimizer cannot use (beyond float32: AdamW's state is float32) or a schedule
+    that would rise at its end (``min_lr`` above the peak); ``given`` names the flag the lr came from."""
+    if not lr < FLOAT32_MAX:
+        raise ValueError(f"{given} gives lr {lr:.3g}, beyond float32 (the optimizer's state): use a smaller value")
+    if min_lr > lr:
+        raise ValueError(f"--min_lr {min_lr:g} is above the lr {lr:.3g} ({given}): the cosine schedule decays from "
+                         "the lr to --min_lr; lower --min_lr")
+    return lr
+
+
 def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
     """Linear warmup to ``lr``, then half-cycle cosine to ``min_lr``; ``epoch`` is fractional."""
     if epoch < warmup_epochs:

@@ -94,6 +94,11 @@ class NonFiniteGuard:
             raise NonFiniteLoss(where)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """A GPU's or the host's allocator gave up (the CPU allocator raises a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in str(error)
+
+
 class Run(Protocol):
     """A training run as ``execute`` drives it."""
 
@@ -140,6 +145,14 @@ def execute(parse: Callable[[], Any], build: Callable[[Any, distributed.DistInfo
                 status = EXIT_FAULT
             clean = True  # every rank ends here together
             return status
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            optim = resolved.config.optim
+            logger.error("out of memory (%s) at --batch_size %d per process: lower --batch_size (and raise "
+                         "--accum_iter to keep the effective batch); %s", str(e).strip().splitlines()[0][:120],
+                         optim.batch_size, checkpoints.note())
+            return EXIT_FAULT
         except OSError as e:  # a full disk or a folder gone read-only mid-run; CheckpointWriteError says more
             logger.error("%s", e if isinstance(e, CheckpointWriteError) else
                          f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); {checkpoints.note()}")

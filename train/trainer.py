@@ -30,7 +30,7 @@ from train.config.pretrain import ResolvedPretrain
 from train.data import build_loader
 from train.grids import LOSS_PLOT, ReconstructionGrids
 from train.monitor import peak_flops
-from train.optim import build_optimizer, lr_at, scaled_lr
+from train.optim import build_optimizer, check_lr, lr_at, scaled_lr
 from train.reporting import StepReporter
 from train.run_control import NonFiniteGuard, RunStopped, StopRequest
 from train.step import MaskedAutoencoding, TrainStep, resolve_precision
@@ -108,7 +108,9 @@ class PretrainTrainer:
                                           resolved.data_backend, self.device, r.seed)
                       if dist_info.is_main else None)
         self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
-        self.lr = o.lr if o.lr is not None else scaled_lr(o.blr, self.eff_batch, cfg.mask_ratio, cfg.kept_mask_ratio)
+        self.lr = check_lr(o.lr if o.lr is not None else scaled_lr(o.blr, self.eff_batch, cfg.mask_ratio,
+                                                                    cfg.kept_mask_ratio),
+                           o.min_lr, "--lr" if o.lr is not None else f"--blr {o.blr:g}")
         self.optimizer = build_optimizer(self.model, self.lr, o.weight_decay, self.device)
         self.step = self.epoch = self.batch_in_epoch = 0
         scaler_state = self._resume_or_init()

@@ -417,6 +417,8 @@ def check_ranges(config: Any) -> None:
     values = flat_settings(config)
     for spec in option_specs(config):
         value = values[spec.name]
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"--{spec.name} {value} does not fit in 64 bits: use a value below 2**63")
         if spec.meta.minimum is None or value is None:
             continue
         if spec.meta.finite and (value < spec.meta.minimum or not math.isfinite(value)):
