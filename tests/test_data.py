@@ -668,3 +668,19 @@ def test_two_builds_racing_on_an_outdated_demo_folder_both_succeed(tmp_path, mon
     monkeypatch.setattr(demo_data, "_move_aside", move_aside_then_rival_publishes)
     assert demo_data.materialize_demo(tmp_path, num_images=6) == folder
     assert len(list(folder.rglob("*.jpg"))) == 6
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path, backend):
+    # Issue 19, item 6: the scan accepted b"bad\xff\xfename.jpg" and DALI's path encoding then died with a
+    # UnicodeEncodeError; the file system's own bytes are passed instead.
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in (b"bad\xff\xfename.png", b"good.png"):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(os.fsdecode(bytes(root) + b"/" + name))
+    loader = build_loader(root, batch_size=2, img_size=8, train=False, backend=backend, num_workers=0,
+                          cache_dir=tmp_path / "cache")
+    assert loader.num_images == 2
+    images, _ = next(iter(loader))
+    assert images.shape == (2, 3, 8, 8) and bool(torch.isfinite(images).all())

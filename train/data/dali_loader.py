@@ -23,6 +23,7 @@ Tested with nvidia-dali-cuda130 2.4.0 (CPU pipelines; the mixed variant needs a 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterator
 
@@ -62,7 +63,9 @@ def _decode_check_pipeline(source, *, decoder_device: str):
 
 
 def _encode_path(path: str) -> np.ndarray:
-    return np.frombuffer(path.encode("utf-8"), dtype=np.uint8)
+    """The file name's bytes as the file system holds them (``os.fsencode``: a name that is not valid UTF-8,
+    which Python carries with surrogate escapes, gets its original bytes back)."""
+    return np.frombuffer(os.fsencode(path), dtype=np.uint8)
 
 
 class _PlanSource:
