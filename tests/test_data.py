@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -684,3 +685,15 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path, backend):
     assert loader.num_images == 2
     images, _ = next(iter(loader))
     assert images.shape == (2, 3, 8, 8) and bool(torch.isfinite(images).all())
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "/proc"])
+def test_an_unwritable_cache_folder_is_named_in_one_line(tmp_path, monkeypatch, where):
+    # Issue 19, item 3: CROSSMAE_CACHE pointing at a file, under a file or under /proc gave tracebacks
+    # (FileExistsError, NotADirectoryError) or a misleading message.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cache = {"a file": blocker, "under a file": blocker / "sub", "/proc": Path("/proc/crossmae-test")}[where]
+    monkeypatch.setenv("CROSSMAE_CACHE", str(cache))
+    with pytest.raises(ValueError, match=r"\$CROSSMAE_CACHE .* cannot hold the demo dataset .*set CROSSMAE_CACHE"):
+        demo_data.materialize_demo()

@@ -197,9 +197,14 @@ def _materialize(name: str, build, cache_dir: str | os.PathLike | None, force: b
     final = base / name
     if _complete(final) and not force:
         return final
-    base.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(base)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(base)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=base))
+    except OSError as e:
+        where = "$CROSSMAE_CACHE" if os.environ.get("CROSSMAE_CACHE") and cache_dir is None else "the cache folder"
+        raise ValueError(f"{where} {base} cannot hold the {name} dataset ({e.strerror or e}): set CROSSMAE_CACHE to a "
+                         "writable folder") from None
     try:
         t0 = time.perf_counter()
         info = build(tmp)
