@@ -31,8 +31,11 @@ Tested on
     Every launch of the S/B/L/H CrossMAE training step (batch 256, bf16 and fp16) compiles for sm_90 and sm_80
     through Triton's launch-time specialisation (tests/test_kernels_compile.py; registers in
     bench/results/kernel_resources.md) without spills, ViT-H included: forward / statistics ~120 registers,
-    backward main kernel 171 / 207 / 246-255 registers for k = 13 / 25 / 33 at 8 warps. Triton 3.6 is
-    untested. Chunk sizes and warps were chosen by those register counts, not by GPU timings.
+    backward main kernel 171 / 207 / 246-255 registers for k = 13 / 25 / 33 at 8 warps. The fp32 launches
+    (the exactness tests' path) compile and fit shared memory too (the ViT-H backward main kernel: 132 KB of
+    sm_80's 163 KB), but spill: 816-844 B in that kernel at ViT-H, 28 B in the forward at C 768 / 1024 on sm_80
+    (2026-12-02). Triton 3.6 is untested. Chunk sizes and warps were chosen by those register counts, not by
+    GPU timings.
 
 Caveats
     * Performance risks to check on a GPU: the forward mixes every chunk twice (the second time from L1 / L2)
@@ -346,7 +349,8 @@ def _check_inputs(feats, weight, ln_weight, ln_bias) -> None:
 def _row_chunk(C: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_C, num_warps) of the per-row kernels: the largest channel chunk (<= 256) that leaves at
     most 1/8 of the lanes idle over the row (1280 = 5 x 256, 768 = 3 x 256, 384 = 3 x 128), one warp per 32
-    channels: ~120 registers, no spills, whatever C (ptxas, sm_90 / sm_80, tests/test_kernels_compile.py)."""
+    channels: ~120 registers, no spills in bf16 / fp16, whatever C (ptxas, sm_90 / sm_80,
+    tests/test_kernels_compile.py); fp32 (IEEE dots) spills 28 B at C 768 / 1024 on sm_80."""
     chunk = 16
     for size in (256, 128, 64, 32):
         if 8 * C >= 7 * triton.cdiv(C, size) * size:  # idle lanes <= 1/8

@@ -23,8 +23,8 @@ Tested on
     duplicate ids; not yet run on a GPU. The position-row gathers of the S/B/L/H CrossMAE training steps (fp32
     tables, the models' only launches from this file) compile for sm_90 and sm_80 with the Triton 3.7.1 code
     generator and bundled ptxas, launch-faithfully (tests/test_kernels_compile.py): 24 / 26 registers, no
-    spills (2026-12). The table-gradient kernel has no model launch and is not in that compile. Triton 3.6 is
-    untested. Block sizes are first guesses, not tuned.
+    spills (2026-12); the table-gradient kernel and the inverse index are compiled there too (2026-12-02).
+    Triton 3.6 is untested. Block sizes are first guesses, not tuned.
 
 Caveats
     * Without Triton able to run (CPU tensors without TRITON_INTERPRET, or no triton) `gather_rows` falls back to

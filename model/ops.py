@@ -61,23 +61,16 @@ from kernels.reference import (
 )
 from model.masking import gather_tokens
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "auto")
 
 
 def triton_available() -> bool:
     return bool(kernels.TRITON_AVAILABLE)
 
 
-# The fused kernels pass their tests under Triton's CPU interpreter and compile for sm_90, but have not
-# yet run on a GPU (see kernels/*.py): until they have, CUDA runs default to the reference path too,
-# and backend="triton" is opt-in. Flip this once bench/gpu_all.sh has passed on a card.
-FUSED_BY_DEFAULT_ON_CUDA = False
-
-
 def default_backend() -> str:
-    if FUSED_BY_DEFAULT_ON_CUDA and torch.cuda.is_available() and triton_available():
-        return "triton"
-    return "torch"
+    """The backend a model gets when none is named: "auto" (see ``resolve_backend``)."""
+    return "auto"
 
 
 def check_backend(backend: str) -> str:
@@ -85,8 +78,17 @@ def check_backend(backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs triton (pip install triton); it does not import here: "
-                         "use backend='torch'")
+                         "use backend='torch' (or 'auto')")
     return backend
+
+
+def resolve_backend(backend: str) -> tuple[str, frozenset[str]]:
+    """(backend, reference_ops) to build for ``backend``: "torch" and "triton" are themselves; "auto" is "torch"
+    here. A bare model has no check of the fused path on its card; a training run resolves "auto" itself by
+    running that check at its own batch, precision and compile setting (train/backend_check.py), and builds with
+    "triton" (and the ops it found failing on the reference) when the fused path is correct and faster."""
+    check_backend(backend)
+    return ("torch" if backend == "auto" else backend), frozenset()
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -387,8 +389,10 @@ _FUSED = FusedOps()
 
 def ops_for(backend: str, reference_ops: Collection[str] = ()) -> ModelOps:
     """The operations of ``backend`` ("torch" or "triton"), the one reference-vs-fused switch; with "triton",
-    the operations named in ``reference_ops`` (names of ``OP_NAMES``) run the reference implementation."""
-    backend, names = check_backend(backend), check_op_names(reference_ops)
+    the operations named in ``reference_ops`` (names of ``OP_NAMES``) run the reference implementation.
+    "auto" not resolved before (``resolve_backend``; ``model.build_model`` does) is the reference."""
+    names = check_op_names(reference_ops)
+    backend = resolve_backend(backend)[0]
     if backend == "torch":
         return _REFERENCE
     return FusedOps(names) if names else _FUSED

@@ -11,12 +11,12 @@ A new family: its autoencoder class (model/autoencoders.py or a file of its own)
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from model.autoencoders import MAE, CrossMAE, MaskedEncoder
 from model.config import ModelConfig
-from model.ops import default_backend
+from model.ops import default_backend, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,19 @@ def encoder_config(name: str, **overrides) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig, reference_ops: Collection[str] = ()) -> MaskedEncoder:
-    """The autoencoder of ``cfg``'s family (``reference_ops``: see ``model.ops.ops_for``)."""
+    """The autoencoder of ``cfg``'s family (``reference_ops``: see ``model.ops.ops_for``). ``cfg.backend`` "auto"
+    is resolved here to the reference path: only a training run checks the fused path on its card (its shapes,
+    precision and compile setting; train/backend_check.py) and then builds with "triton" and the ops it found
+    failing. The model's ``cfg`` holds the backend it runs."""
     family = family_of(cfg)
+    if cfg.backend == "auto":
+        backend, _ = resolve_backend("auto")
+        cfg = replace(cfg, backend=backend)
     return family.autoencoder(family.check(cfg.validated()), reference_ops)
 
 
 def create_model(name: str, *, reference_ops: Collection[str] = (), **overrides) -> CrossMAE | MAE:
-    """Build a model by name; keyword overrides as in ``ModelConfig`` (bad values raise ValueError).
-    ``reference_ops``: on the fused backend, operations that run the reference implementation (``model.ops``)."""
+    """Build a model by name; keyword overrides as in ``ModelConfig`` (bad values raise ValueError; ``backend``
+    defaults to "auto", see ``build_model``). ``reference_ops``: on the fused backend, operations that run the
+    reference implementation (``model.ops``)."""
     return build_model(get_config(name, **overrides), reference_ops)

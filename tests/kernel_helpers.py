@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.tolerance import RTOL  # noqa: F401 (the kernel tests import it from here)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -22,11 +23,6 @@ requires_kernels = pytest.mark.skipif(not (CUDA or kernels.INTERPRET),
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 GPU_DTYPES = [torch.float16, torch.bfloat16]
 
-# Tolerances relative to the largest reference value, per dtype (outputs and gradients alike).
-# fp32: the kernels compute exactly what the reference computes, up to summation order.
-# fp16 / bf16: a few units in the last place of the storage format; on the GPU a kernel may also be as far
-# from the fp32 reference as twice PyTorch's own kernel in that dtype.
-RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -697,3 +697,19 @@ def test_an_unwritable_cache_folder_is_named_in_one_line(tmp_path, monkeypatch, 
     monkeypatch.setenv("CROSSMAE_CACHE", str(cache))
     with pytest.raises(ValueError, match=r"\$CROSSMAE_CACHE .* cannot hold the demo dataset .*set CROSSMAE_CACHE"):
         demo_data.materialize_demo()
+
+
+def test_the_first_scan_uses_every_core_the_process_may_use_unless_told(tmp_path, monkeypatch):
+    # Issue 19, start-up at scale: the scan's threads followed --num_workers (default 2), not the cores.
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "a.png")
+    threads = []
+    real_scan = data_mod.scan_image_folder
+    monkeypatch.setattr(data_mod, "scan_image_folder", lambda *a, **kw: threads.append(kw["num_threads"])
+                        or real_scan(*a, **kw))
+    monkeypatch.setattr(data_mod, "available_cores", lambda: 7)
+    build_loader(root, batch_size=1, img_size=8, backend="torch", num_workers=0, cache_dir=tmp_path / "c1")
+    build_loader(root, batch_size=1, img_size=8, backend="torch", num_workers=0, cache_dir=tmp_path / "c2",
+                 scan_threads=3)
+    assert threads == [7, 3]

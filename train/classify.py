@@ -32,6 +32,7 @@ from model import create_classifier, read_checkpoint
 from model.official import short_list
 from model.timm_format import load_encoder_weights
 from train import distributed
+from train.backend_check import choose_backend, classify_workload
 from train.checkpoint import rng_state, set_rng_state
 from train.checkpointing import CheckpointManager
 from train.config import compare, saved_settings, to_dict
@@ -41,7 +42,7 @@ from train.data.augment import mixup_cutmix, rand_augment, random_erase, soft_ta
 from train.monitor import MetricsLog
 from train.optim import LARS, check_lr, layer_decay_groups, lr_at
 from train.run_control import NonFiniteGuard, RunStopped, StopRequest, execute
-from train.step import TrainStep
+from train.step import TrainStep, resolve_precision
 
 logger = logging.getLogger("train")
 
@@ -115,7 +116,8 @@ class ClassifyRun:
         self.finetune = self.mode == "finetune"
         root = Path(resolved.data_root)
         common = dict(img_size=m.img_size, backend=c.data.data_backend, device=self.device, rank=dist_info.rank,
-                      world_size=dist_info.world_size, seed=r.seed, num_workers=c.data.num_workers, with_labels=True)
+                      world_size=dist_info.world_size, seed=r.seed, num_workers=c.data.num_workers, with_labels=True,
+                      scan_threads=c.data.scan_threads)
         self.train_loader = build_loader(root / "train", batch_size=o.batch_size, train=True, **common)
         self.val_loader = build_loader(root / "val", batch_size=o.batch_size, train=False, **common)
         if self.train_loader.classes != self.val_loader.classes:
@@ -127,9 +129,14 @@ class ClassifyRun:
             raise ValueError(f"{root / 'train'} yields {len(self.train_loader)} batches per process, fewer than "
                              f"--accum_iter={o.accum_iter}")
 
+        # --backend auto / triton: on CUDA, the fused path's check on this card (or its cached verdict) decides.
+        shape = dict(global_pool=m.global_pool, drop_path=m.drop_path, linear_probe=not self.finetune)
+        backend, reference_ops = choose_backend(m.backend, classify_workload(
+            m.model, resolved.model_config, self.num_classes, shape, o.batch_size,
+            resolve_precision(o.precision, self.device), self.device, r.seed), self.out)
         torch.manual_seed(r.seed)
-        self.model = create_classifier(m.model, self.num_classes, global_pool=m.global_pool, drop_path=m.drop_path,
-                                       linear_probe=not self.finetune, img_size=m.img_size, patch_size=m.patch_size)
+        self.model = create_classifier(m.model, self.num_classes, img_size=m.img_size, patch_size=m.patch_size,
+                                       backend=backend, reference_ops=reference_ops, **shape)
         self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
         self.lr = check_lr(o.lr if o.lr is not None else o.blr * self.eff_batch / 256, o.min_lr,
                            "--lr" if o.lr is not None else f"--blr {o.blr:g}")

@@ -20,7 +20,7 @@ class PlantedLinkError(OSError):
     """A file the run writes is a symbolic link."""
 
 
-def _umask_mode() -> int:
+def file_mode() -> int:
     """The mode a plain ``open()`` would give a new file: 0o666 less the umask (mkstemp's is 0o600)."""
     try:  # Linux states it; elsewhere reading the umask means setting it (briefly, process-wide)
         with open("/proc/self/status") as f:
@@ -31,8 +31,6 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-FILE_MODE = _umask_mode()
-
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> None:
     """Write ``path`` through ``write(file)`` on a fresh temporary file in the same folder, then rename it over
@@ -41,7 +39,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             if durable:
                 f.flush()
@@ -55,7 +53,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Non
 def open_nofollow(path: str | os.PathLike, flags: int) -> int:
     """``os.open(path, flags | O_NOFOLLOW | O_CLOEXEC)``; a symbolic link there raises PlantedLinkError naming it."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PlantedLinkError(errno.ELOOP, f"{path} is a symbolic link, which this run did not make (the folder "

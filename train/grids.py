@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model import ModelConfig
-from train.data import build_loader
+from train.data import ImageIndex, build_loader
 from train.visualize import save_loss_curve, save_reconstruction_grid
 
 logger = logging.getLogger("train")
@@ -24,11 +24,13 @@ VIS_HELDOUT = 4  # of VIS_IMAGES, drawn from the demo's held-out photos when the
 LOSS_PLOT = "loss.png"
 
 
-def grid_images(root: str | Path, count: int, img_size: int, backend: str, device: torch.device) -> list[torch.Tensor]:
-    """``count`` center crops (1, 3, H, W) spread over the sorted files of ``root``. A file that fails to
-    decode despite the scan is passed over for the next one: a picture is no reason to stop a run."""
+def grid_images(root: str | Path, count: int, img_size: int, backend: str, device: torch.device,
+                index: ImageIndex | None = None) -> list[torch.Tensor]:
+    """``count`` center crops (1, 3, H, W) spread over the sorted files of ``root`` (``index``: its scan, when the
+    run already has it). A file that fails to decode despite the scan is passed over for the next one: a picture
+    is no reason to stop a run."""
     vis = build_loader(root, batch_size=1, img_size=img_size, train=False, backend=backend, device=device,
-                       num_workers=0)
+                       num_workers=0, index=index)
     picks = [(i * len(vis)) // count for i in range(min(count, len(vis)))]
     imgs = []
     for first in picks:
@@ -47,7 +49,8 @@ class ReconstructionGrids:
     """Draws ``reconstruction-*.png`` and ``loss.png`` into the run folder (rank 0 only builds one)."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, model_name: str, partial_prediction: bool,
-                 out: Path, data_root: str | None, demo: bool, data_backend: str, device: torch.device, seed: int):
+                 out: Path, data_root: str | None, demo: bool, data_backend: str, device: torch.device, seed: int,
+                 index: ImageIndex | None = None):
         self.model, self.cfg, self.model_name, self.out = model, cfg, model_name, out
         self.partial_prediction = partial_prediction
         self.heldout = 0  # how many of the grid's images (the last ones) the run does not train on
@@ -59,7 +62,8 @@ class ReconstructionGrids:
             from train.data.demo import materialize_demo_heldout
 
             heldout = grid_images(materialize_demo_heldout(), VIS_HELDOUT, cfg.img_size, data_backend, device)
-        imgs = grid_images(data_root, VIS_IMAGES - len(heldout), cfg.img_size, data_backend, device) + heldout
+        imgs = grid_images(data_root, VIS_IMAGES - len(heldout), cfg.img_size, data_backend, device,
+                           index) + heldout
         if not imgs:
             return
         self.heldout = len(heldout)

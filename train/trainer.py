@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have read from that step on.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from model import build_model, family_of
 from model.official import short_list
 from model.timm_format import load_encoder_weights
 from train import distributed
+from train.backend_check import choose_backend, pretrain_workload
 from train.checkpoint import FORMAT, LAST, rng_state, set_rng_state
 from train.checkpointing import CheckpointManager
 from train.config import compare, flat_settings, saved_settings, to_dict
@@ -89,6 +91,7 @@ class PretrainTrainer:
         self.loader = build_loader(resolved.data_root, batch_size=o.batch_size, img_size=cfg.img_size, train=True,
                                    backend=resolved.data_backend, device=self.device, rank=dist_info.rank,
                                    world_size=dist_info.world_size, seed=r.seed, num_workers=config.data.num_workers,
+                                   scan_threads=config.data.scan_threads,
                                    num_images=(config.data.synthetic_images if resolved.data_backend == "synthetic"
                                                else None))
         self.batches_per_epoch = (len(self.loader) // o.accum_iter) * o.accum_iter
@@ -101,11 +104,16 @@ class PretrainTrainer:
         if o.max_steps is not None:
             self.total_steps = min(self.total_steps, o.max_steps)
 
+        # --backend auto / triton: on CUDA, the fused path's check on this card (or its cached verdict) decides.
+        backend, reference_ops = choose_backend(config.model.backend, pretrain_workload(
+            config.model.model, cfg, o.batch_size, self.precision, o.compile, self.device, r.seed), self.out)
+        self.cfg = cfg = replace(cfg, backend=backend)
         torch.manual_seed(r.seed + dist_info.rank)
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg, reference_ops).to(self.device)
         self.grids = (ReconstructionGrids(self.model, cfg, config.model.model, family_of(cfg).partial_prediction,
                                           self.out, resolved.data_root, str(config.data.data_path) == "demo",
-                                          resolved.data_backend, self.device, r.seed)
+                                          resolved.data_backend, self.device, r.seed,
+                                          index=getattr(self.loader, "index", None))  # the training scan, reused
                       if dist_info.is_main else None)
         self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
         self.lr = check_lr(o.lr if o.lr is not None else scaled_lr(o.blr, self.eff_batch, cfg.mask_ratio,

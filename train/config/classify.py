@@ -39,6 +39,7 @@ from train.config import (
     specialise,
     write_run_config,
 )
+from train.config.pretrain import BACKEND_CHOICES, BACKEND_HELP
 from train.data import BACKENDS as DATA_BACKENDS
 from train.data import resolve_data_path
 
@@ -80,6 +81,8 @@ class ClassifyModel:
         _FT["global_pool"], "features: average of the patch tokens + fc_norm, or the cls token after the final "
                             "norm", MATCH, choices=("avg", "token"))
     drop_path: float = option(_FT["drop_path"], "stochastic depth rate of the last block", MATCH)
+    # The implementation, not the function computed: another value on resume is a warning only.
+    backend: str = option("auto", BACKEND_HELP, WARN, choices=BACKEND_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class ClassifyData:
     data_path: str = option("digits", "folder with train/ and val/ image folders, or 'digits'", WARN)
     data_backend: str = option("auto", "image loader", WARN, choices=DATA_BACKENDS)
     num_workers: int = option(2, "loader workers (DALI threads)", WARN, minimum=0)
+    scan_threads: int | None = option(None, "threads of the first scan of the image folder (default: every core "
+                                            "this process may use)", FREE, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,9 @@ def resolve_classify(mode: str, config: ClassifyConfig) -> ResolvedClassify:
         if root is None or not (root / split).is_dir():
             raise ConfigError(f"--data_path {config.data.data_path}: expected the folders {split}/ (and train/, "
                               f"val/) inside {root}, each holding <class>/<image> files")
-    sizes = {"img_size": img_size} if patch_size is None else {"img_size": img_size, "patch_size": patch_size}
+    sizes = {"img_size": img_size, "backend": m.backend}
+    if patch_size is not None:
+        sizes["patch_size"] = patch_size
     try:  # what create_classifier would build, checked without building it (ViT-H: ~18 s on a CPU)
         model_config = encoder_config(m.model, **sizes)
     except ValueError as e:

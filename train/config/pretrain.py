@@ -47,6 +47,11 @@ DEMO_LR = 1e-3
 DEMO_IMG_SIZE, DEMO_PATCH_SIZE = 48, 4
 SYNTHETIC_IMAGES = 4096
 
+BACKEND_CHOICES = ("torch", "triton", "auto")
+BACKEND_HELP = ("model ops: torch (the PyTorch references), triton (the fused Triton kernels; on CUDA the run first "
+                "checks their numbers and refuses if one fails) or auto (on a CUDA GPU: the fused kernels that pass "
+                "that check and only if faster, the verdict cached per card and setting; elsewhere torch)")
+
 PROG = "python -m train.pretrain"
 DESCRIPTION = "Pre-train CrossMAE (or the MAE baseline)."
 
@@ -67,9 +72,7 @@ class PretrainModel:
     norm_pix_loss: bool = option(True, "the loss compares each patch normalised by its own mean and std", MATCH,
                                  negatable=True)
     # The implementation, not the function computed: another value on resume is a warning only.
-    backend: str | None = option(
-        None, "model ops: the PyTorch references or the fused Triton kernels (default: torch; the fused path is "
-              "opt-in until it has been verified on a GPU)", WARN, choices=("torch", "triton"))
+    backend: str = option("auto", BACKEND_HELP, WARN, choices=BACKEND_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class PretrainData:
         SYNTHETIC_IMAGES, "images per epoch of --data_backend synthetic (sets steps per epoch, hence the lr "
                           "schedule)", WARN, minimum=1)
     num_workers: int = option(2, "DALI threads or DataLoader worker processes", WARN, minimum=0)
+    scan_threads: int | None = option(None, "threads of the first scan of the image folder (default: every core "
+                                            "this process may use)", FREE, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def model_overrides(model: PretrainModel) -> dict[str, Any]:
     overrides: dict[str, Any] = {"mask_ratio": model.mask_ratio, "norm_pix_loss": model.norm_pix_loss}
     if model.model not in list_models() or family_of(model.model).partial_prediction:
         overrides["kept_mask_ratio"] = model.kept_mask_ratio
-    for name in ("img_size", "patch_size", "decoder_depth", "backend"):
+    for name in ("img_size", "patch_size", "decoder_depth", "backend"):  # backend: "auto" stays unresolved
         if getattr(model, name) is not None:
             overrides[name] = getattr(model, name)
     return overrides
@@ -253,7 +258,8 @@ def write_resolved(resolved: ResolvedPretrain) -> Path:
     return write_run_config(resolved.config, PROG)
 
 
-__all__ = ["BLR", "CONFIG_FILE", "DEFAULT_MODEL", "DEMO_IMG_SIZE", "DEMO_LR", "DEMO_PATCH_SIZE", "SYNTHETIC_IMAGES",
+__all__ = ["BACKEND_CHOICES", "BACKEND_HELP", "BLR", "CONFIG_FILE",
+           "DEFAULT_MODEL", "DEMO_IMG_SIZE", "DEMO_LR", "DEMO_PATCH_SIZE", "SYNTHETIC_IMAGES",
            "PretrainConfig", "PretrainData", "PretrainModel", "PretrainOptim", "PretrainRun", "ResolvedPretrain",
            "build_parser", "model_overrides", "parse_pretrain", "resolve_pretrain",
            "saved_settings", "write_resolved"]

@@ -63,6 +63,11 @@ def dali_available() -> bool:
     return True
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under a job scheduler), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+
+
 def available_backends() -> list[str]:
     """Data backends usable here, best first (excluding "auto")."""
     return (["dali"] if dali_available() else []) + ["torch", "synthetic"]
@@ -102,6 +107,7 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
                  backend: str = "auto", device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 2, with_labels: bool = False, *, num_images: int | None = None,
                  validate: str = "decode", cache_dir: str | os.PathLike | None = None, dali_device: str = "auto",
+                 index: ImageIndex | None = None, scan_threads: int | None = None,
                  **backend_options) -> FolderLoader | SyntheticLoader:
     """A loader of (images, labels) batches; see the module docstring and FolderLoader.
 
@@ -111,6 +117,8 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
     num_images: epoch length of the synthetic backend (default ImageNet-1k's 1,281,167).
     validate: the up-front scan's depth, "decode" or "header" (see train/data/index.py).
     dali_device: "auto" | "mixed" | "cpu" (DALI only). backend_options go to the backend's loader.
+    index: the folder's scan, when another loader of ``root`` already made it (no second scan).
+    scan_threads: threads of the folder scan's first pass (default: every core this process may use).
     Raises ValueError naming the argument for invalid arguments, FileNotFoundError for a missing root.
     """
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -143,8 +151,9 @@ def build_loader(root: str | os.PathLike | None, batch_size: int, img_size: int 
     if root is None or str(root) == "synthetic":
         raise ValueError(f"backend={backend!r} reads image files: pass root (a folder or 'demo')")
     path = resolve_data_path(root)
-    index = scan_image_folder(path, validate=validate, num_threads=max(2, num_workers), cache_dir=cache_dir,
-                              classes=with_labels)
+    if index is None:
+        index = scan_image_folder(path, validate=validate, num_threads=scan_threads or available_cores(),
+                                  cache_dir=cache_dir, classes=with_labels)
     plan = EpochPlan(index.sizes, batch_size, img_size, train=train, rank=rank, world_size=world_size, seed=seed)
     if backend == "dali":
         from train.data.dali_loader import DaliLoader
