@@ -5,8 +5,9 @@
   style, minus the L2 flush, which is irrelevant for a whole training step); wall clock on the CPU.
 * ``kernel_ms(fn, full)``: one kernel call's median time, ``triton.testing.do_bench`` on the GPU (full runs),
   one wall-clock call after a warm-up in smoke checks.
-* ``measure_train_step(StepSpec(...), device)``: one full pre-training step (forward, backward, fused AdamW;
-  bf16 autocast; synthetic images already on the device; masking noise drawn on the device), warmed up,
+* ``measure_train_step(StepSpec(...), device)``: one full pre-training step, the trainer's own (train/step.py
+  ``TrainStep``: forward, backward, the AdamW of train/optim.py (fused on CUDA), lr, GradScaler; bf16 autocast;
+  synthetic images already on the device; masking noise drawn on the device), warmed up,
   timed, with peak memory and FLOP counts from ``model.flops_per_image``. Results are cached for the pytest
   session, so a configuration measured by one benchmark file is not measured again by another.
   Failures are never hidden: only a triton backend that is *unavailable* here (``triton_unavailable_reason``)
@@ -23,6 +24,7 @@ its own budget.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import statistics
 import time
@@ -313,34 +315,34 @@ def measure_train_step(spec: StepSpec, device: torch.device, use_cache: bool = T
 
 def _measure_once(spec: StepSpec, batch: int, device: torch.device) -> dict:
     from model import create_model
+    from train.cards import peak_flops
     from train.data import build_loader
-    from train.monitor import peak_flops
     from train.optim import build_optimizer
+    from train.step import MaskedAutoencoding, TrainStep
 
     torch.manual_seed(0)
     model = create_model(spec.model, backend=spec.backend, **dict(spec.overrides)).to(device).train()
     cfg = model.cfg
-    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, device=device)  # fused AdamW on CUDA
     net = model
     if spec.compiled:
         torch._dynamo.reset()  # a fresh cache: no recompilation limits inherited from earlier models
         net = torch.compile(model, backend=spec.compile_backend, mode=spec.compile_mode)
+    # The trainer's step (train/step.py): its optimizer (fused AdamW on CUDA), masking noise drawn on the device
+    # from a generator seeded per step, autocast, GradScaler, lr set every step, zero_grad.
+    lr = 1e-4
+    train_step = TrainStep(build_optimizer(model, lr=lr, weight_decay=0.05, device=device),
+                           MaskedAutoencoding(net, cfg.num_patches, seed=0, rank=0, device=device),
+                           precision=spec.precision, device=device)
     # Two distinct batches, generated on the device before timing; the step cycles through them.
     loader = build_loader(None, batch_size=batch, img_size=cfg.img_size, backend="synthetic", device=device,
                           num_images=2 * batch, seed=0)
-    batches = [imgs for imgs, _ in loader]
-    autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
-    num_patches = cfg.num_patches
+    batches = itertools.cycle(list(loader))  # (images, labels) pairs, as the trainer's loader gives them
+    step_index = itertools.count()
 
-    def step(i: int) -> torch.Tensor:
-        # Host-synchronisation free: masking noise drawn on the device, no .item(), no data-dependent shapes.
-        noise = torch.rand(batch, num_patches, device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = net(batches[i % len(batches)], noise)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().clone()  # a copy: CUDA-graph replays (compile mode reduce-overhead) reuse outputs
+    def step(_i: int) -> torch.Tensor:
+        # Host-synchronisation free (TrainStep: no .item(), no data-dependent shapes; the loss stays on the device).
+        loss, _ = train_step(batches, next(step_index), lr=lr)
+        return loss.clone()  # a copy: CUDA-graph replays (compile mode reduce-overhead) reuse outputs
 
     synchronize(device)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from bench.machine import machine_facts as common_machine_facts
-from bench.results import write_results
+from bench.results import markdown_table, write_results
 from train.data import build_loader, dali_available, resolve_data_path
 from train.data.demo import source_photos
 
@@ -102,9 +102,8 @@ def report_lines(rows: list[dict], facts: dict, setup: dict) -> list[str]:
              f"{setup['epochs']} timed epochs after one warm-up epoch.", ""]
     if not setup["full"]:
         lines += ["**Smoke check**: tiny folders, one epoch; exercises the loaders, measures nothing.", ""]
-    lines += ["| loader | data | img_size | images/s |", "|---|---|---|---|"]
-    lines += [f"| {r['loader']} | {r['data']} | {r['img_size']} | {r['images_per_s']:,.0f} |" for r in rows]
-    return lines
+    return lines + markdown_table(["loader", "data", "img_size", "images/s"],
+                                  [[r["loader"], r["data"], r["img_size"], f"{r['images_per_s']:,.0f}"] for r in rows])
 
 
 def test_data_loading_throughput(tmp_path_factory, benchmark_full, results_dir):

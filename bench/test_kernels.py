@@ -14,8 +14,8 @@ batch 256, the shapes of CrossMAE ViT-B at 224 px:
   flash-attention's convention). Goal (not asserted): forward+backward >= 2x the fastest SDPA backend.
 * feature mixing: 13 maps of (256, 50, 768) into 12 layer-normalised (256*50, 768) outputs, vs the authors'
   dataflow in eager PyTorch (stack to (B, T, C, k), matmul, 12 LayerNorms) and torch.compile of the reference.
-* gathers: visible tokens + position (49 of 196), decoder query rows (147 of 196), norm-pix targets (147
-  patches of 16x16x3 from fp32 images), scatter of 147 predicted patches onto images.
+* gathers: decoder query rows (147 of 196), norm-pix targets (147 patches of 16x16x3 from fp32 images), scatter
+  of 147 predicted patches onto images.
   GB/s count the bytes that must move (each input element read once, each output element written once),
   next to the device-to-device copy bandwidth measured in the same run (1 GiB tensor copy).
   Goal (not asserted): >= 70% of copy bandwidth.
@@ -48,7 +48,7 @@ if not kernels.TRITON_AVAILABLE:
 
 from bench import machine  # noqa: E402
 from bench.harness import kernel_ms, try_kernel_ms  # noqa: E402
-from bench.results import fmt, write_results  # noqa: E402
+from bench.results import fmt, markdown_table, write_results  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.attention import attention_backward, attention_forward  # noqa: E402
 
@@ -95,40 +95,38 @@ def write_report(results_dir, full: bool) -> None:
     if REPORT["attention"]:
         lines += ["## Attention", "",
                   "TFLOP/s: 4·B·H·Lq·Lk·d forward, 3.5x that forward+backward. 'vs best SDPA': the fastest torch SDPA "
-                  "backend's time divided by this one's (goal for ours, forward+backward: >= 2).", "",
-                  "| shape | mode | implementation | ms | TFLOP/s | vs best SDPA |", "|---|---|---|---|---|---|"]
-        for row in REPORT["attention"]:
-            note = f" ({row['error']})" if row["error"] else ""
-            lines.append(f"| {row['shape']} | {row['mode']} | {row['impl']}{note} | {fmt(row['ms'], 3)} | "
-                         f"{fmt(row['tflops'])} | {fmt(row.get('vs_best_sdpa'), 2, 'x')} |")
-        lines.append("")
+                  "backend's time divided by this one's (goal for ours, forward+backward: >= 2).", ""]
+        lines += [*markdown_table(
+            ["shape", "mode", "implementation", "ms", "TFLOP/s", "vs best SDPA"],
+            [[row["shape"], row["mode"], row["impl"] + (f" ({row['error']})" if row["error"] else ""),
+              fmt(row["ms"], 3), fmt(row["tflops"]), fmt(row.get("vs_best_sdpa"), 2, "x")]
+             for row in REPORT["attention"]]), ""]
     if REPORT["attention_sweep"]:
-        lines += ["## Attention block-size sweep (ours; best per shape and mode)", "",
-                  "| shape | mode | best config | ms | default config ms |", "|---|---|---|---|---|"]
+        lines += ["## Attention block-size sweep (ours; best per shape and mode)", ""]
         best: dict = {}
         for row in REPORT["attention_sweep"]:
             key = (row["shape"], row["mode"])
             if row["ms"] is not None and (key not in best or row["ms"] < best[key]["ms"]):
                 best[key] = row
+        table = []
         for (shape, mode), row in best.items():
             default = next((r["ms"] for r in REPORT["attention_sweep"]
                             if r["shape"] == shape and r["mode"] == mode and r["is_default"]), None)
-            lines.append(f"| {shape} | {mode} | `{row['config']}` | {fmt(row['ms'], 3)} | {fmt(default, 3)} |")
-        lines.append("")
+            table.append([shape, mode, f"`{row['config']}`", fmt(row["ms"], 3), fmt(default, 3)])
+        lines += [*markdown_table(["shape", "mode", "best config", "ms", "default config ms"], table), ""]
     for section, title in (("feature_mix", "Inter-block feature mixing"), ("gathers", "Gathers and scatters")):
         if not REPORT[section]:
             continue
         lines += [f"## {title}", "", "GB/s over the bytes that must move; '% copy' relative to the copy bandwidth "
-                  "above (goal for ours: >= 70%).", "",
-                  "| op | shape | mode | implementation | ms | MB moved | GB/s | % copy |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "above (goal for ours: >= 70%).", ""]
+        table = []
         for row in REPORT[section]:
             note = f" ({row['error']})" if row["error"] else ""
             pct = None if (row["gb_per_s"] is None or not copy) else 100 * row["gb_per_s"] / copy["gb_per_s"]
-            lines.append(f"| {row['op']} | {row['shape']} | {row['mode']} | {row['impl']}{note} | "
-                         f"{fmt(row['ms'], 3)} | {row['bytes'] / 1e6:,.1f} | {fmt(row['gb_per_s'], 0)} | "
-                         f"{fmt(pct, 0, '%')} |")
-        lines.append("")
+            table.append([row["op"], row["shape"], row["mode"], row["impl"] + note, fmt(row["ms"], 3),
+                          f"{row['bytes'] / 1e6:,.1f}", fmt(row["gb_per_s"], 0), fmt(pct, 0, "%")])
+        lines += [*markdown_table(["op", "shape", "mode", "implementation", "ms", "MB moved", "GB/s", "% copy"],
+                                  table), ""]
     payload = {k: v for k, v in REPORT.items() if k != "machine"}
     write_results(results_dir, "kernels", facts, payload, lines, dated=full)
 
@@ -338,35 +336,22 @@ def test_feature_mix(report, benchmark_full):
 
 def test_gathers(report, benchmark_full):
     if benchmark_full:
-        B, img, p, C, D, n_vis, n_pred = 256, 224, 16, 768, 512, 49, 147
+        B, img, p, D, n_pred = 256, 224, 16, 512, 147
     else:
-        B, img, p, C, D, n_vis, n_pred = 2, 16, 4, 24, 16, 5, 6
+        B, img, p, D, n_pred = 2, 16, 4, 16, 6
     L = (img // p) ** 2
     P = p * p * 3
     dtype = torch.bfloat16 if benchmark_full else torch.float32
     es = torch.empty((), dtype=dtype).element_size()
     noise = torch.rand(B, L, device=DEVICE)
     shuffle = noise.argsort(dim=1)
-    vis_ids, pred_ids = shuffle[:, :n_vis], shuffle[:, L - n_pred:]
-    x = torch.randn(B, L, C, device=DEVICE, dtype=dtype, requires_grad=True)
-    pos = torch.randn(L, C, device=DEVICE)
+    pred_ids = shuffle[:, L - n_pred:]
     table = torch.randn(L, D, device=DEVICE)
     imgs = torch.randn(B, 3, img, img, device=DEVICE)  # fp32, as the data loader delivers them
     patches = torch.randn(B, n_pred, P, device=DEVICE, dtype=dtype, requires_grad=True)
     backend = "inductor" if benchmark_full else "aot_eager"
     ops = [
         # (op, shape, mode, impl name, fn, leaves for grad reset, dout or None, bytes)
-        ("gather_visible", f"x ({B}, {L}, {C}) + pos, {n_vis} ids", "fwd",
-         {"triton (ours)": lambda: kernels.gather_visible(x, pos, vis_ids),
-          "torch eager (reference)": lambda: ref.gather_visible_reference(x, pos, vis_ids),
-          "torch.compile(reference)": torch.compile(lambda: ref.gather_visible_reference(x, pos, vis_ids),
-                                                    backend=backend)},
-         [x], None, 2 * B * n_vis * C * es + L * C * 4),
-        ("gather_visible", f"x ({B}, {L}, {C}) + pos, {n_vis} ids", "fwd+bwd",
-         {"triton (ours)": lambda: kernels.gather_visible(x, pos, vis_ids),
-          "torch eager (reference)": lambda: ref.gather_visible_reference(x, pos, vis_ids)},
-         [x], torch.randn(B, n_vis, C, device=DEVICE, dtype=dtype),
-         2 * B * n_vis * C * es + L * C * 4 + (B * n_vis * C + B * L * C) * es),
         ("gather_rows", f"table ({L}, {D}) fp32, {n_pred} ids", "fwd",
          {"triton (ours)": lambda: kernels.gather_rows(table, pred_ids),
           "torch eager (reference)": lambda: ref.gather_rows_reference(table, pred_ids)},

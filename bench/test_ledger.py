@@ -1,4 +1,4 @@
-"""The step ledger (bench/ledger.py): counting rules on toy functions, a seconds-long smoke on the tiny model,
+"""The step ledger (bench/ledger/): counting rules on toy functions, a seconds-long smoke on the tiny model,
 and with --benchmark the issue's three models at batch 256, bf16, both backends, written to the results folder.
 
     python -m pytest bench/test_ledger.py -q                                 # rules + smoke, seconds, CPU
@@ -22,20 +22,25 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.ledger import (
     BACKENDS,
-    CARDS,
     Ledger,
     LedgerError,
     StepCount,
     check_same_sequence,
     ledger_for,
-    machine_facts,
     markdown,
     run_ledger,
     summarize,
     to_jsonable,
     totals,
-    write_results,
 )
+from bench.ledger.__main__ import main as ledger_main
+from bench.ledger.__main__ import parse_models
+from bench.ledger.step import LR, MODELLED_DEVICE, WEIGHT_DECAY, build_trainer, images, run_step
+from bench.machine import machine_facts
+from bench.results import write_results
+from train.cards import CARDS, card_for_device_name, peak_flops
+from train.optim import build_optimizer
+from train.step import MaskedAutoencoding, TrainStep
 
 
 def launched(led: Ledger):
@@ -322,11 +327,43 @@ def test_smoke_counts_are_sane(smoke, backend):
     assert total["launches"] > 100 and total["other_bytes"] > 0 and total["matmul_bytes"] > 0
     assert total["forward_flops"] > 0 and total["backward_flops"] > total["forward_flops"]
     assert total["optimizer_launches"] >= 1 and r["saved"].slope > 0 and r["saved"].const > 0  # bf16 weight copies
-    assert r["by_class"]["optimizer"]["bytes"].const >= 28 * r["params"]  # fused AdamW: 16 B read + 12 written
+    assert r["by_class"]["optimizer"]["bytes"].const >= 28 * r["params"]  # AdamW reads >= 16 B, writes >= 12
+    # The optimizer the trainer builds on a GPU (train/optim.py build_optimizer: fused AdamW), whatever device
+    # counts it: one fused kernel (and the step counters' increment), none of the multi-tensor update's ops.
+    optimizer_ops = {e.name.split(".")[1] for e in r["samples"][0].events
+                     if e.phase == "optimizer" and e.launches and e.name.startswith("aten.")}
+    assert build_optimizer(nn.Linear(1, 1), 1e-4, 0.05, MODELLED_DEVICE).defaults["fused"]
+    assert "_fused_adamw_" in optimizer_ops, optimizer_ops
+    assert {op for op in optimizer_ops if op.startswith("_foreach_")} <= {"_foreach_add_"}, optimizer_ops
     if backend == "triton":
         assert total["triton_kernels"] > 0
         assert any(c.startswith("crossmae::") for c in r["by_class"])
         assert r["by_class"]["attention"]["launches"].at(256) > 0
+
+
+def test_the_step_counted_is_the_trainers():
+    """The ledger records train/step.py's TrainStep with the objective and optimizer the trainer builds."""
+    cpu = torch.device("cpu")
+    t = build_trainer(SMOKE_MODEL, "torch", SMOKE_OVERRIDES, "bf16", cpu)
+    assert type(t.step) is TrainStep and type(t.step.objective) is MaskedAutoencoding
+    assert t.step.autocast_dtype == torch.bfloat16 and t.step.accum_iter == 1 and t.step.ddp is None
+    trainers = build_optimizer(t.model, LR, WEIGHT_DECAY, MODELLED_DEVICE)
+    assert type(t.step.optimizer) is type(trainers) and t.step.optimizer.defaults == trainers.defaults
+
+    def groups(optimizer: torch.optim.Optimizer) -> list:
+        return [({k: v for k, v in g.items() if k != "params"}, [id(p) for p in g["params"]])
+                for g in optimizer.param_groups]
+
+    assert groups(t.step.optimizer) == groups(trainers)
+    imgs = images(t, 2)
+    with Ledger(2, exclude=t.model) as led:
+        run_step(t, imgs, led)
+    phases = [e.phase for e in led.count.events]
+    assert phases == sorted(phases, key=["forward", "backward", "optimizer"].index) and set(phases) == {
+        "forward", "backward", "optimizer"}
+    # The noise is drawn in the step, the images before it (data loading is not part of a step).
+    assert [e.name for e in led.count.events if e.op_class == "random"] == ["aten.rand.generator"]
+    assert t.steps_done == 1
 
 
 @ignore_interpreter_overflow
@@ -380,6 +417,40 @@ def test_error_is_reported_not_hidden():
                         log=lambda s: None)
     r = report["models"][0]["backends"]["torch"]
     assert r["status"] == "error" and "no_such_option" in r["error"]
+
+
+def test_command_line_parses_models_and_refuses_bad_flags(capsys):
+    assert parse_models("crossmae_vit_base_patch16:kept_mask_ratio=0.75:inter_block=false, mae_vit_base_patch16") == [
+        ("crossmae_vit_base_patch16", {"kept_mask_ratio": 0.75, "inter_block": False}), ("mae_vit_base_patch16", {})]
+    with pytest.raises(ValueError, match="is not key=value"):
+        parse_models("crossmae_vit_base_patch16:0.75")
+    for argv, message in ((["--backends", "torch,jax"], "unknown ['jax']"), (["--sample-batches", "2"], "two batches"),
+                          (["--card", "V100"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            ledger_main(argv)
+        assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the card table (train/cards.py): MFU's peaks and the roofline's
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device_name", "card"), [
+    ("NVIDIA H200", "H200"), ("NVIDIA GH200 480GB", "H200"), ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H100 SXM5 80GB", "H100"), ("NVIDIA H100 NVL", "H100"), ("NVIDIA H100 PCIe", "H100-PCIe"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"), ("Tesla V100-SXM2-16GB", None)])
+def test_device_names_find_their_card(device_name, card):
+    assert card_for_device_name(device_name) is (None if card is None else CARDS[card])
+
+
+def test_card_table_is_complete():
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on the CPU
+    assert CARDS["H200"].peak_flops["bf16"] == CARDS["H100"].peak_flops["bf16"] == 989e12
+    assert CARDS["H100-PCIe"].peak_flops["bf16"] == 756e12 and CARDS["A100"].peak_flops["bf16"] == 312e12
+    for card in CARDS.values():
+        assert set(card.peak_flops) == {"bf16", "fp16", "fp32"} and card.bandwidth > 1e12
+        assert card.peak_flops["fp32"] < card.peak_flops["bf16"] == card.peak_flops["fp16"]
 
 
 # ------------------------------------------------------------------------------------------------------------

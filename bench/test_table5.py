@@ -14,10 +14,11 @@ reason; any other failure is recorded as ERROR with its message and fails the ru
 An out-of-memory batch is retried at half the size (and recorded). Order: ViT-B eager rows, ViT-B compiled rows,
 then the other sizes, each group led by the released configuration.
 
-A step is forward + backward + fused AdamW under bf16 autocast, batch 256, on synthetic images already on the
-GPU with the masking noise drawn on the GPU (no host synchronisation inside the timed region). Per
-configuration: build, a first step (it compiles; its time is reported apart), >= 3 more warm-up steps, then the
-median of >= 10 steps timed with CUDA events; peak memory is torch.cuda.max_memory_allocated over the timed steps.
+A step is the trainer's (train/step.py): forward + backward + AdamW (fused on CUDA) under bf16 autocast, batch
+256, on synthetic images already on the GPU with the masking noise drawn on the GPU (no host synchronisation
+inside the timed region). Per configuration: build, a first step (it compiles; its time is reported apart), >= 3
+more warm-up steps, then the median of >= 10 steps timed with CUDA events; peak memory is
+torch.cuda.max_memory_allocated over the timed steps.
 min/epoch = 1,281,167 images / images/s on one GPU. FLOPs: model.flops_per_image(training=True).
 
 Knobs (environment): BENCH_SIZES (extra sizes, default "S,L,H"; "" for ViT-B only), BENCH_VARIANTS (default
@@ -235,13 +236,14 @@ def build_report(facts: dict, opts: dict, full: bool, rows: dict, goals: dict) -
         lines += [f"**Smoke check** (tiny model, {DEVICE.type}): exercises the harness, measures nothing. Triton "
                   "rows run in Triton's CPU interpreter or fall back to the kernels' references; compile uses "
                   "torch.compile(backend='eager').", ""]
-    lines += [f"One step = forward + backward + fused AdamW, {precision}, batch {opts['batch_size']}, synthetic "
+    lines += [f"One step = the trainer's (train/step.py): forward + backward + AdamW (fused on CUDA), {precision}, "
+              f"batch {opts['batch_size']}, synthetic "
               "images already on the device, masks drawn on the device each step; "
               f"a first step (it compiles: its time is the last column) and {opts['warmup']} more warm-up step(s), "
               f"then the median of {opts['steps']} step(s) timed with {timer}. img/s = batch / median step; "
               "min/epoch = 1,281,167 ImageNet-1K images on one GPU; peak = torch.cuda.max_memory_allocated over the "
               "timed steps; GFLOP = model.flops_per_image(training=True) (matmuls, forward + backward); MFU against "
-              "train/monitor.py's dense bf16 peak. ×MAE: ratio to the MAE row on the same backend. The paper's "
+              "the dense bf16 peak of train/cards.py. ×MAE: ratio to the MAE row on the same backend. The paper's "
               "numbers (2x A100 80GB, FlashAttention-2, 400 epochs; memory from its Table 4, per GPU at its own "
               "batch) are for orientation: compare the ratios, not the absolutes.", ""]
 

@@ -6,11 +6,12 @@
     python -m pytest bench/test_train_step.py                     # smoke check in seconds
 
 CrossMAE with inter-block attention, gamma 0.25, 12 decoder blocks (the released configuration), ViT-B/16 and
-ViT-L/16 at 224 px, batch 256, bf16 autocast, forward + backward + fused AdamW, synthetic images on the GPU and
-masks drawn on the GPU; the eager torch reference (`backend="torch"`), the fused kernels (`backend="triton"`) and
-the fused kernels under torch.compile. Same harness and settings as bench/test_table5.py (bench/harness.py):
-configurations that Table 5 already measured in this pytest session are reused, not measured twice.
-MFU = model.flops_per_image(training=True) x images/s / the card's dense bf16 peak (train/monitor.py: 989
+ViT-L/16 at 224 px, batch 256, bf16 autocast, the trainer's step (forward + backward + fused AdamW on CUDA),
+synthetic images on the GPU and masks drawn on the GPU; the eager torch reference (`backend="torch"`), the fused
+kernels (`backend="triton"`) and the fused kernels under torch.compile. Same harness and settings as
+bench/test_table5.py (bench/harness.py): configurations that Table 5 already measured in this pytest session are
+reused, not measured twice.
+MFU = model.flops_per_image(training=True) x images/s / the card's dense bf16 peak (train/cards.py: 989
 TFLOP/s for H100 SXM / H200).
 
 Goals of issue 6 for CrossMAE-B gamma 0.25, computed from the measured numbers and printed as PASS / FAIL next
@@ -118,10 +119,11 @@ def build_report(facts: dict, opts: dict, full: bool, models: dict, variants: li
              *facts_markdown(facts), ""]
     if not full:
         lines += [f"**Smoke check** (tiny model, {DEVICE.type}): exercises the harness, measures nothing.", ""]
-    lines += [f"One step = forward + backward + fused AdamW, {precision}, batch {opts['batch_size']}, synthetic "
+    lines += [f"One step = the trainer's (train/step.py): forward + backward + AdamW (fused on CUDA), {precision}, "
+              f"batch {opts['batch_size']}, synthetic "
               f"images on the device, masks drawn on the device; a first step (it compiles; not counted) and "
               f"{opts['warmup']} more warm-up step(s), then the median of {opts['steps']} step(s) timed with {timer}. "
-              "MFU = model.flops_per_image(training=True) x img/s / the card's dense bf16 peak (train/monitor.py). "
+              "MFU = model.flops_per_image(training=True) x img/s / the card's dense bf16 peak (train/cards.py). "
               "÷ torch: against the eager torch reference of the same model.", ""]
     table = []
     for size, (label, _, _) in models.items():

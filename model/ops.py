@@ -19,7 +19,7 @@ and nothing here patches ``torch.nn.functional``. In fp32 the two paths agree to
 (tests/test_model_triton.py checks 1e-4 on the loss, the predictions and every gradient, the input images'
 included), and so do their mixes (tests/test_ops_interface.py checks one).
 
-What the fused path does differently, and why (bench/ledger.py counts the effect):
+What the fused path does differently, and why (bench/ledger/ counts the effect):
 
 * The residual stream stays in the activation dtype (bf16 / fp16 under autocast; statistics in fp32)
   instead of autocast's fp32 stream with a cast around every LayerNorm, and each residual add happens

@@ -51,7 +51,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); the fused implementation on CUDA, the multi-tensor one elsewhere."""
+    """AdamW (0.9, 0.95) over ``param_groups``: the fused implementation when ``device`` is a GPU (one kernel per
+    step), the multi-tensor one elsewhere. The choice follows ``device``, not where the parameters are: the step
+    ledger (bench/ledger/) passes a CUDA device to count, on CPU parameters, the optimizer a GPU trainer runs."""
     fused = device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
                              fused=fused, foreach=None if fused else True)

@@ -1,6 +1,6 @@
 """One optimizer step, the one every user of it calls: pre-training, fine-tuning and probing
 (train/pretrain.py, train/classify.py), the benchmarks (bench/harness.py) and the step ledger
-(bench/ledger.py), so that what is measured and counted is what trains.
+(bench/ledger/), so that what is measured and counted is what trains.
 
 A step sets the learning rate, then for each of ``accum_iter`` micro-batches: takes the next batch
 (the time spent waiting for it is returned), lets the objective prepare its inputs (masks, augmentation;
