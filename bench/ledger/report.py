@@ -212,9 +212,8 @@ def markdown(report: dict, facts: dict) -> list[str]:
              "'2x' row drops the recomputation); a custom op (crossmae::*) is one launch with its own inputs + "
              "outputs, plus the torch ops of its body, and its Triton kernels are counted apart; the Triton "
              "interpreter's copies are not counted. This is the CPU's dispatch: CUDA autocast would also run the "
-             "LayerNorms that see bf16 inputs in fp32 (CrossMAE's IBA norms on the torch path), and CUDA's "
-             "trainer runs fused AdamW where the CPU's runs the multi-tensor one (its `.item()` bias corrections "
-             "show as host syncs).", ""]
+             "LayerNorms that see bf16 inputs in fp32 (CrossMAE's IBA norms on the torch path). The optimizer is "
+             "the one the trainer builds on a GPU (fused AdamW), counted on the CPU.", ""]
     for entry in report["models"]:
         lines += [f"## {_label(entry)}", ""]
         for be, r in entry["backends"].items():
