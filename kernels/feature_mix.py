@@ -1,4 +1,5 @@
 """Inter-block feature mixing (CrossMAE's IBA): out[j] = LayerNorm_j(sum_i W[j, i] * f_i), forward and backward.
+(Slightly above the usual ~500 lines: its three kernels share the tile helpers and the register notes below.)
 
 Supported
     feats (k, N, C) with any strides (N = B*T rows; e.g. the encoder outputs stacked in one buffer, or

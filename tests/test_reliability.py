@@ -20,7 +20,7 @@ from PIL import Image
 
 from model import read_checkpoint
 from train import pretrain
-from train.checkpoint import LAST, LOCK, load_training_checkpoint, save_atomic
+from train.checkpoint import LAST, LOCK, load_training_checkpoint, remove_stale_temporaries, save_atomic
 from train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,3 +589,15 @@ def test_a_start_scans_the_data_folder_once(images, tmp_path, monkeypatch):
     assert pretrain.main(["--output_dir", str(tmp_path / "run"), "--data_path", str(images), *FLAGS,
                           "--max_steps", "1"]) == 0
     assert scanned == [images]
+
+
+def test_temporaries_of_every_run_file_a_killed_write_left_are_removed_and_nothing_else(tmp_path):
+    # Whole run files go through a fresh `.<name>.<random>.tmp` (train/files.py): a kill mid-write leaves one.
+    leftovers = [".checkpoint-last.pth.ab12.tmp", ".metrics.jsonl.cd34.tmp", ".loss.png.ef56.tmp",
+                 ".reconstruction-ep0010.png.gh78.tmp", ".config.yaml.ij90.tmp", ".backend_verdict.json.kl12.tmp"]
+    kept = [".notes.txt.mn34.tmp", "metrics.jsonl", "mine.tmp"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_text("x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)

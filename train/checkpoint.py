@@ -67,11 +67,17 @@ def _write_failure(path: Path, error: BaseException) -> str:
     return f"could not write checkpoint {path} ({reason}): {intact}; free space or fix the folder, then resume"
 
 
+# The run files written whole through train/files.py replace_atomically, as ``.<name>.<random>.tmp`` until renamed.
+_RUN_FILES = ("*.pth", "metrics.jsonl", "loss.png", "reconstruction-*.png", "config.yaml", "backend_verdict.json")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed ``save_atomic`` left in ``folder`` (call it holding the
-    folder's RunLock, so that no live writer's file is touched); returns what was removed."""
+    """Delete the temporary files a killed write of a run file (a checkpoint, the metrics, a picture, the
+    settings) left in ``folder`` (call it holding the folder's RunLock, so that no live writer's file is
+    touched); returns what was removed. Files of other names are left alone."""
     removed = []
-    for tmp in Path(folder).glob(f".*.pth.*{_TMP_SUFFIX}"):
+    stale = {tmp for name in _RUN_FILES for tmp in Path(folder).glob(f".{name}.*{_TMP_SUFFIX}")}
+    for tmp in sorted(stale):
         try:
             tmp.unlink()
             removed.append(tmp)
