@@ -460,6 +460,45 @@ def test_ctrl_c_during_start_up_ends_the_run_at_once_without_a_traceback(images,
         assert count.stat().st_size < SCANNED, "the scan probed every image after the Ctrl-C"
 
 
+# Run by the child before anything else (PYTHONPATH): the import of one module (numpy inside torch's import, or
+# torch itself) announces itself and then takes a minute, so that the Ctrl-C lands inside Python's imports.
+SLOW_IMPORT_SITE = """
+import sys, time
+class _SlowImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            print("IMPORTING {module}", flush=True)
+            time.sleep(60)
+        return None
+sys.meta_path.insert(0, _SlowImport())
+"""
+
+
+@pytest.mark.parametrize("module,disposition", [("numpy", "SIG_DFL"), ("torch", "SIG_IGN")])
+def test_ctrl_c_during_the_imports_ends_the_run_with_one_line(tmp_path, module, disposition):
+    """Issue 19, item 8: a Ctrl-C while ``python -m train.pretrain`` imports torch (numpy inside it) ends the
+    process at once with one line, never a KeyboardInterrupt traceback or an interrupt swallowed by a
+    library's import; also when the shell started the job with SIGINT ignored."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_IMPORT_SITE.format(module=module))
+    proc = subprocess.Popen([sys.executable, "-c", WITH_SIGINT, disposition, "-m", "train.pretrain",
+                             "--output_dir", str(tmp_path / "run")], cwd=ROOT,
+                            env={**env(), "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_line(proc, f"IMPORTING {module}")
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"still running 20 s after a Ctrl-C during the import of {module}:\n{output}") from None
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output, output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_double_ctrl_c_inside_a_step_ends_without_a_traceback(images, tmp_path):
     """The first Ctrl-C asks for a save at the end of the step; a second one interrupts at once."""
     out = tmp_path / "run"

@@ -18,14 +18,14 @@ from typing import Any, Protocol
 
 import torch
 
-from train import distributed
+from train import EXIT_INTERRUPTED, distributed, exit_at_ctrl_c
 from train.checkpoint import CheckpointWriteError
 from train.checkpointing import CheckpointManager
 from train.monitor import setup_logging
 
 logger = logging.getLogger("train")
 
-EXIT_DONE, EXIT_FAULT, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_DONE, EXIT_FAULT, EXIT_REFUSED = 0, 1, 2  # and EXIT_INTERRUPTED (130), from train/__init__.py
 
 
 class RunStopped(Exception):
@@ -38,9 +38,10 @@ class NonFiniteLoss(Exception):
 
 def honour_ctrl_c() -> None:
     """One rule for Ctrl-C, whatever the launching shell did: it stops the process. A background job of a
-    non-interactive shell starts with SIGINT ignored, which Python keeps; restore Python's handler (which
-    raises KeyboardInterrupt) so that a Ctrl-C during start-up ends it as it does in a terminal."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    non-interactive shell starts with SIGINT ignored, which Python keeps; and ``python -m train.<command>``
+    ends its imports with train/__init__.py's handler. Both give way to Python's handler (which raises
+    KeyboardInterrupt), so that a Ctrl-C during start-up ends the run as it does in a terminal, with clean-up."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, exit_at_ctrl_c):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
