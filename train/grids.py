@@ -45,6 +45,22 @@ def grid_images(root: str | Path, count: int, img_size: int, backend: str, devic
     return imgs
 
 
+def grid_title(cfg: ModelConfig, model_name: str, partial_prediction: bool, when: str) -> str:
+    """A grid's caption: the model, the crops and patches, ``when`` (e.g. "step 200, epoch 40"), what is predicted
+    and how norm-pix outputs are shown."""
+    split, L = cfg.split, cfg.num_patches
+    hidden = L - split.len_keep
+    title = f"{model_name} on {cfg.img_size}-pixel crops, {cfg.patch_size}-pixel patches, {when}: "
+    if partial_prediction and split.n_pred < hidden:
+        title += (f"trained to predict {split.n_pred} of {L} patches, drawn predicting all {hidden} hidden ones "
+                  "(the decoder's queries do not see each other).")
+    else:
+        title += f"predicting the {hidden} hidden patches of {L}."
+    if cfg.norm_pix_loss:
+        title += " Norm-pix output: each predicted patch shown with the true patch's mean and std."
+    return title
+
+
 class ReconstructionGrids:
     """Draws ``reconstruction-*.png`` and ``loss.png`` into the run folder (rank 0 only builds one)."""
 
@@ -72,19 +88,7 @@ class ReconstructionGrids:
         self.batch = imgs, torch.rand(imgs.shape[0], cfg.num_patches, generator=g).to(device)
 
     def title(self, step: int, epoch: int) -> str:
-        cfg = self.cfg
-        split, L = cfg.split, cfg.num_patches
-        hidden = L - split.len_keep
-        title = (f"{self.model_name} on {cfg.img_size}-pixel crops, {cfg.patch_size}-pixel patches, step {step}, "
-                 f"epoch {epoch}: ")
-        if self.partial_prediction and split.n_pred < hidden:
-            title += (f"trained to predict {split.n_pred} of {L} patches, drawn predicting all {hidden} hidden ones "
-                      "(the decoder's queries do not see each other).")
-        else:
-            title += f"predicting the {hidden} hidden patches of {L}."
-        if cfg.norm_pix_loss:
-            title += " Norm-pix output: each predicted patch shown with the true patch's mean and std."
-        return title
+        return grid_title(self.cfg, self.model_name, self.partial_prediction, f"step {step}, epoch {epoch}")
 
     def save(self, name: str, step: int, epoch: int) -> None:
         """The grid ``name`` (when the run has images to draw) and the loss curve."""

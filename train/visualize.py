@@ -1,5 +1,6 @@
 """What a pre-training run draws: reconstruction grids (original | visible | predicted | pasted), training
-images beside held-out ones, and the loss curve of ``metrics.jsonl``."""
+images beside held-out ones, and the loss curve of ``metrics.jsonl``; and the matplotlib figure helpers
+(``new_figure``, ``save_figure``) that the analyses' pictures (train/analyze/plots.py) share."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ from train.files import replace_atomically
 MIN_CELL = 128  # pixels: small crops are enlarged (nearest neighbour, so patch edges stay visible) to this
 
 
-def to_uint8(imgs: torch.Tensor) -> np.ndarray:
-    """ImageNet-normalised (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+def to_pixels(imgs: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, H, W) -> float32 pixels in [0, 1] (un-normalised, then clipped), same shape."""
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    pixels = (imgs.float() * std + mean).clamp(0, 1) * 255
-    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (imgs.float() * std + mean).clamp(0, 1)
+
+
+def to_uint8(imgs: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    return (to_pixels(imgs) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _save_png(image: Image.Image, path: str | os.PathLike) -> None:
@@ -32,10 +37,12 @@ def _save_png(image: Image.Image, path: str | os.PathLike) -> None:
 
 @torch.no_grad()
 def save_reconstruction_grid(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor,
-                             path: str | os.PathLike, gap: int = 2, heldout: int = 0, title: str = "") -> None:
+                             path: str | os.PathLike, gap: int = 2, heldout: int = 0, title: str = "",
+                             heading: str = "training images") -> None:
     """One row per image, four labelled columns: the original, the visible patches, the prediction of every
-    hidden patch, and both together. The last ``heldout`` rows are images the run does not train on and
-    are drawn under their own heading. Masked-out areas show as the dataset's mean colour."""
+    hidden patch, and both together. The first rows are drawn under ``heading``; the last ``heldout`` rows are
+    images the run does not train on, under their own heading. Masked-out areas show as the dataset's mean
+    colour."""
     was_training = model.training
     model.eval()
     rec = model.reconstruct(imgs, noise)
@@ -53,7 +60,7 @@ def save_reconstruction_grid(model: torch.nn.Module, imgs: torch.Tensor, noise: 
         names = ["original", "visible", "predicted", "visible + predicted"]
     font = ImageFont.load_default()
     band = 16  # a line of the default font
-    sections = [("training images", range(0, B - heldout))] if B > heldout else []
+    sections = [(heading, range(0, B - heldout))] if B > heldout else []
     if heldout:
         sections.append(("held out: never trained on", range(B - heldout, B)))
     width = 4 * (w + gap) - gap
@@ -116,12 +123,7 @@ def save_loss_curve(metrics: str | os.PathLike, path: str | os.PathLike, title: 
     steps, losses = read_losses(metrics)
     if not steps:
         return False
-    # The object API with an Agg canvas: no pyplot global state, no GUI backend, safe in any process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((6, 3.6))
     ax = fig.add_subplot()
     ax.plot(steps, losses, lw=1.5, color="tab:blue", marker="." if len(steps) < 30 else None)
     if norm_pix:
@@ -131,6 +133,22 @@ def save_loss_curve(metrics: str | os.PathLike, path: str | os.PathLike, title: 
     ax.set_ylabel("training loss (norm-pix MSE)" if norm_pix else "training loss (pixel MSE)")
     ax.set_title(title or f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {steps[-1]} steps", fontsize=10)
     ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    return True
+
+
+def new_figure(size: tuple[float, float], dpi: int = 100):
+    """A matplotlib ``Figure`` on an Agg canvas: the object API, so no pyplot global state and no GUI backend
+    (safe in any process, display or not)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Lay ``fig`` out and write it as a PNG, atomically (a viewer never sees half a file)."""
     fig.tight_layout()
     replace_atomically(path, lambda f: fig.savefig(f, format="png"))
-    return True
