@@ -1,7 +1,8 @@
 """How a training run starts and stops: on request (Ctrl-C, SIGTERM), on a non-finite loss, on a fault; and the
 exit statuses.
 
-The loops raise ``RunStopped`` (saved on request: exit 130) or ``NonFiniteLoss`` (not saved: exit 1);
+The loops raise ``RunStopped`` (saved on request: exit 130), ``NonFiniteLoss`` (not saved: exit 1) or let a
+loader's ``DataSourceLost`` through (the data went away mid-run; saved where one process can: exit 1);
 ``execute`` (every training command's ``main``) maps them, refusals and write failures to the process's exit
 status, so no loop returns a status code.
 """
@@ -21,6 +22,7 @@ import torch
 from train import EXIT_INTERRUPTED, distributed, exit_at_ctrl_c
 from train.checkpoint import CheckpointWriteError
 from train.checkpointing import CheckpointManager
+from train.data import DataSourceLost
 from train.monitor import setup_logging
 
 logger = logging.getLogger("train")
@@ -144,6 +146,9 @@ def execute(parse: Callable[[], Any], build: Callable[[Any, distributed.DistInfo
                 status = EXIT_INTERRUPTED
             except NonFiniteLoss:
                 status = EXIT_FAULT
+            except DataSourceLost as e:  # not clean: under DDP the other processes may be inside a step
+                logger.error("%s; %s; restore the data and run the same command to resume", e, checkpoints.note())
+                return EXIT_FAULT
             clean = True  # every rank ends here together
             return status
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:

@@ -25,6 +25,10 @@ Training batches: RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), 
 flip + ImageNet mean/std. Evaluation batches (train=False): resize the shorter side to
 img_size * 256/224, center crop img_size. The dali and torch backends read the same files in the same
 order with the same crop windows; see train/data/plan.py for the sharding and resumption rules.
+
+Files that fail at run time are replaced within their batch and listed in `loader.skipped`; a data source
+that has gone (too many failures in the last batches, a whole batch, or the folder itself) raises
+`DataSourceLost` from the iterator, before the batch: see train/data/folder.py for the thresholds.
 """
 
 from __future__ import annotations
@@ -38,14 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data.folder import FolderLoader
+from train.data.folder import DataSourceLost, FolderLoader
 from train.data.index import VALIDATE_MODES, ImageIndex, cache_root, scan_image_folder
 from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 from train.data.synthetic import IMAGENET_TRAIN_SIZE, SyntheticLoader
 
-__all__ = ["BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "FolderLoader", "ImageIndex", "SyntheticLoader",
-           "available_backends", "build_loader", "cache_root", "dali_available", "resolve_data_path",
-           "scan_image_folder"]
+__all__ = ["BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DataSourceLost", "FolderLoader", "ImageIndex",
+           "SyntheticLoader", "available_backends", "build_loader", "cache_root", "dali_available",
+           "resolve_data_path", "scan_image_folder"]
 
 logger = logging.getLogger("train.data")
 

@@ -11,11 +11,17 @@ The sample order, shards, crop windows and flips come from `EpochPlan` through a
 instead of DALI's own reader shuffle and random ops: that makes batches a pure function of
 (seed, epoch, batch index), hence exactly resumable, and identical to the PyTorch fallback's.
 
-Decode failures: the up-front scan removes files Pillow cannot decode. If DALI still fails on a
-batch (the first batches of a pass included, which run when the iterator is built), the loader finds
-the culprit files by decoding that batch's files one by one, replaces them within their batch
-(logged, listed in `loader.skipped`), rebuilds the pipeline at that batch, and carries on: an epoch
-never dies on a bad file. Only a batch whose every file fails raises (RuntimeError).
+Run-time failures: the up-front scan removes files Pillow cannot decode. If DALI still fails on a
+batch (a file damaged, deleted or unreadable since the scan: "File mapping failed"; the first batches of
+a pass included, which run when the iterator is built), the loader finds the culprit files among the
+batch and the batches prefetched after it: first those that no longer open (cheap), else by decoding
+the files one by one. It replaces them within their batch, rebuilds the pipeline at that batch and
+carries on; each rebuild must find new bad files, else the loader raises (RuntimeError) rather than
+loop. The failures are counted like the torch backend's (train/data/folder.py: one warning line per
+batch, `loader.skipped`), so a few bad files never end an epoch, while a data source that has gone
+(a whole batch failed, the folder is gone, or too many failures in the last batches) raises
+DataSourceLost. Rebuilding at each failing batch is slow when many files are gone; the failure window
+stops the run within a few batches.
 
 Tested with nvidia-dali-cuda130 2.4.0 (CPU pipelines; the mixed variant needs a GPU).
 """
@@ -32,7 +38,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from train.data.folder import FolderLoader
+from train.data.folder import FolderLoader, describe_failure
 from train.data.index import ImageIndex
 from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 
@@ -141,7 +147,8 @@ class DaliLoader(FolderLoader):
     def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= len(self):  # nothing left of this epoch (resumed at its very end): DALI would refuse
             return
-        index, failures, restart = start, 0, True
+        index, restart = start, True
+        found: dict[int, dict[int, str]] = {}  # failures isolated, by batch: counted when that batch is yielded
         while True:
             try:
                 # Building the iterator (or resetting it) already runs the first batches: a bad file
@@ -153,33 +160,57 @@ class DaliLoader(FolderLoader):
             except StopIteration:
                 self._state = "done"
                 return
-            except RuntimeError as exc:  # a decode failure stops the pipeline: isolate the file, rebuild, go on
+            except RuntimeError as exc:  # a failed file stops the pipeline: isolate it, rebuild at this batch
                 self._state = "none"
-                failures += 1
-                if failures > self.plan.batch_size or not self._isolate_failures(epoch, index, exc):
-                    raise
-                self._batch(epoch, index)  # raises a plain error if no file of the batch is left
+                self._recover(epoch, index, exc, found)
                 restart = True
                 continue
-            index += 1
-            yield (out["images"].to(self.device, non_blocking=True),
-                   out["labels"].view(-1).to(self.device, non_blocking=True))
-
-    def _isolate_failures(self, epoch: int, index: int, exc: Exception) -> bool:
-        """Decode the files of batch `index` one by one, then (if all of those decode) of the batches
-        prefetched after it, whose failure can surface first; mark those that fail. True if any did."""
-        last = min(len(self), index + max(1, self.prefetch_queue_depth))
-        for b in range(index, last):
-            ids, _, _ = self.plan.batch(epoch, b)
-            failed = [int(i) for i in dict.fromkeys(ids.tolist()) if i not in self._bad and
-                      not self._decodes(self.index.files[i])]
+            labels = out["labels"].view(-1)
+            failed = found.pop(index, None)
             if failed:
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-                self._mark_bad(failed, f"DALI: {reason}")
-                return True
-        return False
+                ids = self.plan.batch(epoch, index)[0].tolist()
+                self._account(epoch, index, len(ids), [(i, failed[i]) for i in ids if i in failed])
+            else:
+                self._account(epoch, index, labels.shape[0], [])
+            index += 1
+            yield out["images"].to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def _decodes(self, path: str) -> bool:
+    def _recover(self, epoch: int, index: int, exc: RuntimeError, found: dict[int, dict[int, str]]) -> None:
+        """After the pipeline failed while batch `index` was next: find and mark the failed files of that batch and
+        of those prefetched after it (adding them to `found`), so that a rebuild at `index` replaces them. Raises
+        DataSourceLost if one of those batches has no good file left, RuntimeError if no new failed file is found
+        (a rebuild would fail again)."""
+        batches = range(index, min(len(self), index + self.prefetch_queue_depth + 2))
+        new = self._isolate_failures(epoch, batches)
+        for b, failed in new.items():
+            self._mark_bad(failed)
+            found.setdefault(b, {}).update(failed)
+        for b in batches:
+            ids = self.plan.batch(epoch, b)[0].tolist()
+            if all(i in self._bad for i in ids):  # nothing left to stand in: the data source is lost
+                failed = found.pop(b, {})
+                self._account(epoch, b, len(ids), [(i, failed.get(i, self._bad[i])) for i in ids])
+        if not new:
+            raise RuntimeError(f"DALI failed at batch {index} of epoch {epoch}, but every file of batches "
+                               f"{batches.start}..{batches.stop - 1} loads on its own: {_dali_reason(exc)}") from exc
+
+    def _isolate_failures(self, epoch: int, batches: range) -> dict[int, dict[int, str]]:
+        """{batch: {file index: reason}} of new failed files among `batches`: those that no longer open, else (if
+        every file opens) those of the first batch that has files DALI cannot decode on their own."""
+        candidates = {b: [i for i in dict.fromkeys(self.plan.batch(epoch, b)[0].tolist()) if i not in self._bad]
+                      for b in batches}
+        unreadable = {b: {i: reason for i in ids if (reason := _open_error(self.index.files[i]))}
+                      for b, ids in candidates.items()}
+        if any(unreadable.values()):
+            return {b: failed for b, failed in unreadable.items() if failed}
+        for b, ids in candidates.items():
+            failed = {i: reason for i in ids if (reason := self._decode_error(self.index.files[i]))}
+            if failed:
+                return {b: failed}
+        return {}
+
+    def _decode_error(self, path: str) -> str | None:
+        """Why DALI cannot decode `path` on its own, or None if it can."""
         def once(info):
             return _encode_path(path)
 
@@ -188,8 +219,28 @@ class DaliLoader(FolderLoader):
         try:
             pipe.build()
             pipe.run()
-            return True
-        except RuntimeError:
-            return False
+            return None
+        except RuntimeError as exc:
+            return _dali_reason(exc, path)
         finally:
             del pipe
+
+
+def _open_error(path: str) -> str | None:
+    """Why `path` cannot be opened for reading (deleted, moved, permission), or None if it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return describe_failure(exc, path)
+
+
+def _dali_reason(exc: RuntimeError, path: str = "") -> str:
+    """The line of a DALI pipeline error that says what went wrong ("nvImageCodec failure: '#4'"), without `path`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    after = [lines[k + 1] for k, line in enumerate(lines[:-1]) if line == "encountered:"]
+    useful = [line for line in lines if "no longer valid" not in line and "Critical error" not in line]
+    text = (after or useful[-1:] or [type(exc).__name__])[0]
+    if path:
+        text = text.replace(path, "").strip(" :")
+    return f"DALI: {text[:160]}"

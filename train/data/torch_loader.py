@@ -4,6 +4,11 @@ Same files, order, crop windows and flips as the DALI backend (both follow `Epoc
 builds whole batches: decode (JPEGs at a reduced DCT scale when the window is much larger than the
 output, as a GPU decoder's ROI decode would spare the work), crop + bicubic resize in one Pillow call
 (antialiased), flip, to uint8 (B, H, W, 3). Normalisation to float NCHW happens on the training device.
+
+A file that fails in a worker (deleted, damaged after the scan) becomes a mean-colour image (normalised ~0); the
+worker returns the failed files with the batch, and the main process counts them (`FolderLoader._account`: one
+warning line per batch, `loader.skipped`, DataSourceLost when the data is gone). A worker that dies is not a file
+failure: the DataLoader raises as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from train.data.folder import FolderLoader, normalize_uint8
+from train.data.folder import FolderLoader, describe_failure, normalize_uint8
 from train.data.index import ImageIndex
 from train.data.plan import IMAGENET_MEAN, EpochPlan
 
@@ -71,21 +76,23 @@ def load_crop(path: str, box: tuple[int, int, int, int], flip: bool, out_size: i
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """Maps a batch description (paths, windows, flips, labels) to (uint8 (B, H, W, 3), int64 (B,))."""
+    """Maps a batch description (file indices, paths, windows, flips, labels) to (uint8 (B, H, W, 3), int64 (B,),
+    failed): `failed` lists (file index, reason) for each image whose file failed (a mean-colour image instead)."""
 
     def __init__(self, img_size: int, draft: bool):
         self.img_size, self.draft = img_size, draft
 
     def __getitem__(self, item):
-        paths, boxes, flips, labels = item
+        ids, paths, boxes, flips, labels = item
         out = np.empty((len(paths), self.img_size, self.img_size, 3), dtype=np.uint8)
+        failed = []
         for k, path in enumerate(paths):
             try:
                 out[k] = load_crop(path, tuple(int(v) for v in boxes[k]), bool(flips[k]), self.img_size, self.draft)
-            except Exception as exc:  # never kill the epoch: the file changed or broke after the scan
-                logger.warning("could not decode %s (%s: %s); using a mean-colour image", path, type(exc).__name__, exc)
+            except Exception as exc:  # never kill the epoch here: the main process decides (FolderLoader._account)
+                failed.append((int(ids[k]), describe_failure(exc, path)))
                 out[k] = _MEAN_PIXEL
-        return torch.from_numpy(out), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        return torch.from_numpy(out), torch.from_numpy(np.asarray(labels, dtype=np.int64)), failed
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -101,7 +108,7 @@ class _PlanSampler(torch.utils.data.Sampler):
         epoch, start = self.pass_
         for b in range(start, len(self.loader)):
             ids, boxes, flips, labels = self.loader._batch(epoch, b)
-            yield [self.loader.files[i] for i in ids], boxes, flips, labels
+            yield ids, [self.loader.files[i] for i in ids], boxes, flips, labels
 
     def __len__(self):
         return len(self.loader) - self.pass_[1]
@@ -120,6 +127,7 @@ class TorchLoader(FolderLoader):
     """Image-folder loader on torch.utils.data.DataLoader and Pillow (see FolderLoader for the contract)."""
 
     backend = "torch"
+    stand_in = "mean-colour images"
 
     def __init__(self, index: ImageIndex, plan: EpochPlan, device: torch.device, with_labels: bool,
                  num_workers: int = 2, draft: bool = True, prefetch_factor: int = 2):
@@ -134,5 +142,6 @@ class TorchLoader(FolderLoader):
 
     def _iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.pass_ = (epoch, start)
-        for images, labels in self._loader:
+        for index, (images, labels, failed) in enumerate(self._loader, start):
+            self._account(epoch, index, len(labels), failed)  # raises DataSourceLost instead of a lost batch
             yield normalize_uint8(images, self.device), labels.to(self.device, non_blocking=True)
