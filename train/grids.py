@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model import ModelConfig
-from train.data import ImageIndex, build_loader
+from train.data import DataSourceLost, ImageIndex, build_loader
 from train.visualize import save_loss_curve, save_reconstruction_grid
 
 logger = logging.getLogger("train")
@@ -39,6 +39,8 @@ def grid_images(root: str | Path, count: int, img_size: int, backend: str, devic
             try:
                 imgs.append(next(iter(vis))[0])
                 break
+            except DataSourceLost as e:  # a batch of one: the file, not the data source
+                logger.warning("reconstruction grid: skipping %s (%s)", e.path, e.reason)
             except RuntimeError as e:
                 logger.warning("reconstruction grid: skipping %s (%s)", vis.files[vis.batch_indices(0)[index][0]],
                                str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__)
