@@ -630,7 +630,7 @@ def test_a_scan_cache_of_the_wrong_shape_is_rebuilt_with_a_warning(tmp_path, cap
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
     data_index.scan_image_folder(root, classes=False, cache_dir=tmp_path / "cache")
-    (cache_file,) = (tmp_path / "cache").rglob("*.json")
+    (cache_file,) = (tmp_path / "cache").rglob("*.npz")
     cache_file.write_text(garbage)
     with caplog.at_level(logging.WARNING, logger="train.data"):
         index = data_index.scan_image_folder(root, classes=False, cache_dir=tmp_path / "cache")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from train.data.folder import DataSourceLost, FolderLoader
-from train.data.index import VALIDATE_MODES, ImageIndex, cache_root, scan_image_folder
+from train.data.index import VALIDATE_MODES, ImageIndex, available_cores, cache_root, scan_image_folder
 from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 from train.data.synthetic import IMAGENET_TRAIN_SIZE, SyntheticLoader
 
@@ -65,11 +65,6 @@ def dali_available() -> bool:
         logger.debug("DALI is not available: %s: %s", type(exc).__name__, exc)
         return False
     return True
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under a job scheduler), at least 1."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,435 @@
+"""Start-up at ImageNet scale (issue #19): the image-folder scan, measured on generated folders of small JPEGs in
+ImageNet's layout and extrapolated to ImageNet-1k's 1,281,167 training images.
+
+    python -m bench.scan_scale --images 100000 --folder /tmp/scan_bench      # generates the folders once
+    python -m bench.scan_scale --images 100000 --folder /tmp/scan_bench --save-results --delete
+
+For each size (``--subsets``, default 20,000, and ``--images``) a folder ``<folder>/n<size>/`` of ``--classes``
+class folders (``n00000000/n00000000_<k>.JPEG``, ImageNet's names) holds copies of a few hundred distinct JPEGs
+of 32-64 px (crops of the demo photographs). Every measurement runs in a child process of its own, with a cache
+folder of its own:
+
+* first scan (cold cache) with ``validate="decode"`` and ``"header"``, at 1 thread pinned to one core
+  (``os.sched_setaffinity``) and at every core (``--threads``, default: the cores this process may use);
+* cached scan (warm ``decode`` cache): nothing to probe, one core, best and median of ``--repeats``;
+* ``--concurrent`` processes (e.g. 2 and 4) started together on one cold cache, as torchrun's ranks on one node:
+  one of them probes, the others wait for its cache and then only list and stat (each process's probes counted);
+* first scans of ``--photos`` ImageNet-sized JPEGs (500x375, quality 90, ~ImageNet's average file size) in
+  ``<folder>/photos<count>/``: where decoding, not Python, dominates the probe (the small JPEGs show the
+  per-file overhead, which holds the GIL; a photo's decode does not).
+
+Wall time (``time.perf_counter``) and CPU time (``time.process_time``: every thread of the child) are recorded.
+The extrapolation is linear in the number of files: ``t(1,281,167) = t(N) / N x 1,281,167`` with N the largest
+size measured; the per-1k-image cost at each size shows how linear it is. The files stay in the page cache
+(generated just before): a first scan of a cold disk adds the disk's reading time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.machine import facts_markdown, machine_facts
+from bench.results import fmt, markdown_table, resolve_results_dir, verdict, write_results
+from train.data.index import available_cores
+
+KIND = "scan_scale"
+IMAGENET_TRAIN_IMAGES = 1_281_167
+CACHED_GOAL_S = 10.0  # a cached start of ImageNet: at most 10 s of scan on one core
+_MARKER = ".scan_bench.json"  # hidden: the scan ignores it
+_GENERATOR_VERSION = 2
+PHOTO_DISTINCT, PHOTOS_PER_CLASS = 50, 20
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the folders
+# ------------------------------------------------------------------------------------------------------------
+
+
+def distinct_jpegs(count: int, kind: str = "small", seed: int = 0) -> list[bytes]:
+    """`count` JPEGs, crops of the demo photographs: "small" 32-64 px a side, quality 75-95; "photo" 500x375,
+    quality 90 (about ImageNet's average file size)."""
+    from train.data.demo import source_photos
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in source_photos()]
+    out = []
+    for k in range(count):
+        photo = photos[k % len(photos)]
+        width, height = (int(v) for v in rng.integers(32, 65, size=2)) if kind == "small" else (500, 375)
+        scale = rng.uniform(0.5, 1.0) * min(photo.size[0] / width, photo.size[1] / height)  # a crop inside it
+        w, h = int(width * scale), int(height * scale)
+        x0, y0 = int(rng.integers(0, photo.size[0] - w + 1)), int(rng.integers(0, photo.size[1] - h + 1))
+        buf = io.BytesIO()
+        photo.resize((width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h)).save(
+            buf, "JPEG", quality=int(rng.integers(75, 96)) if kind == "small" else 90)
+        out.append(buf.getvalue())
+    return out
+
+
+def ensure_folder(base: Path, images: int, classes: int, distinct: int, kind: str = "small", log=print) -> Path:
+    """`<base>/n<images>/` ("small" JPEGs) or `<base>/photos<images>/` ("photo"), generated unless a finished one
+    is there (a marker written last says so; an unfinished generation, e.g. interrupted, is done again)."""
+    folder = base / (f"n{images}" if kind == "small" else f"photos{images}")
+    spec = {"version": _GENERATOR_VERSION, "images": images, "classes": classes, "distinct": distinct, "kind": kind}
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((folder / _MARKER).read_text()) == spec:
+            return folder
+    if folder.exists():
+        if not (folder / _MARKER).exists():
+            raise ValueError(f"{folder} exists and was not generated by bench.scan_scale: pass another --folder")
+        log(f"removing {folder}: generated with other settings than {spec}")
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    blobs = distinct_jpegs(distinct, kind)
+    tmp = base / f".{folder.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    per_class, extra = divmod(images, classes)
+    k = 0
+    for c in range(classes):
+        name = f"n{c:08d}"
+        (tmp / name).mkdir(parents=True)
+        for j in range(per_class + (c < extra)):
+            (tmp / name / f"{name}_{j}.JPEG").write_bytes(blobs[k % len(blobs)])
+            k += 1
+    (tmp / _MARKER).write_text(json.dumps(spec))
+    os.rename(tmp, folder)
+    log(f"generated {folder}: {images:,} JPEGs in {classes} classes in {time.perf_counter() - start:.1f} s")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one measurement = one child process
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _scan_in_child(job: dict, barrier, queue, slot: int) -> None:
+    """Run one scan as `job` says, put {"slot", "wall_s", "cpu_s", "images", "probes", "waited"} on `queue`."""
+    try:
+        if job.get("cpu") is not None:
+            os.sched_setaffinity(0, {job["cpu"]})
+        from train.data import index as data_index
+
+        probes, waited = [0], []
+        real_probe = data_index.probe_image
+
+        def counted_probe(path, validate="decode"):
+            probes[0] += 1  # an int bump under the GIL: close enough between probing threads, exact at 1 thread
+            return real_probe(path, validate)
+
+        class WaitSeen(logging.Handler):
+            def emit(self, record):
+                if "waiting for another process's scan" in record.getMessage():
+                    waited.append(time.perf_counter())
+
+        data_index.probe_image = counted_probe
+        logger = logging.getLogger("train.data")
+        logger.addHandler(WaitSeen(logging.INFO))
+        logger.setLevel(logging.INFO)
+        if barrier is not None:
+            barrier.wait()
+        wall, cpu = time.perf_counter(), time.process_time()
+        index = data_index.scan_image_folder(job["root"], validate=job["validate"], num_threads=job["threads"],
+                                             cache_dir=job["cache_dir"], classes=True)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        queue.put({"slot": slot, "wall_s": wall, "cpu_s": cpu, "images": len(index.files), "probes": probes[0],
+                   "waited": bool(waited)})
+    except BaseException:
+        queue.put({"slot": slot, "error": traceback.format_exc()})
+
+
+def run_children(jobs: list[dict], timeout_s: float = 3600) -> list[dict]:
+    """Run `jobs` in as many child processes at once (started together behind a barrier when more than one);
+    their results in the order of `jobs`. Raises RuntimeError with the child's traceback if one failed."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")  # fork: no re-import
+    queue = context.Queue()
+    barrier = context.Barrier(len(jobs)) if len(jobs) > 1 else None
+    procs = [context.Process(target=_scan_in_child, args=(job, barrier, queue, k), daemon=True)
+             for k, job in enumerate(jobs)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = sorted((queue.get(timeout=timeout_s) for _ in jobs), key=lambda r: r["slot"])
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise RuntimeError(f"a scan failed in its child process:\n{failed[0]}")
+    return results
+
+
+def _fresh_cache(base: Path, name: str) -> Path:
+    path = base / ".caches" / name
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def _one_core() -> int | None:
+    return sorted(os.sched_getaffinity(0))[0] if hasattr(os, "sched_getaffinity") else None
+
+
+def measure_first_scans(folder: Path, images: int, threads: int, log=print) -> list[dict]:
+    """First scans, decode and header, at 1 thread on one core and at `threads`; leaves the cache of the
+    1-thread decode scan (`<base>/.caches/<folder>_decode_1`) for the cached scans."""
+    base, one_core = folder.parent, _one_core()
+    rows = []
+    for validate in ("decode", "header"):
+        for n_threads, cpu in ((1, one_core), (threads, None)):
+            cache = _fresh_cache(base, f"{folder.name}_{validate}_{n_threads}")
+            (r,) = run_children([{"root": str(folder), "validate": validate, "threads": n_threads, "cpu": cpu,
+                                  "cache_dir": str(cache)}])
+            cache_bytes = sum(p.stat().st_size for p in cache.rglob("*.npz"))
+            rows.append({"measurement": f"first scan, {validate}", "validate": validate, "threads": n_threads,
+                         "pinned_to_one_core": cpu is not None, "cache_bytes": cache_bytes, **r})
+            log(f"  {images:>9,} images  first scan {validate:6s} {n_threads:2d} thread(s): {r['wall_s']:7.2f} s "
+                f"wall, {r['cpu_s']:7.2f} s CPU, {r['probes']:,} probes")
+            if r["probes"] != images:
+                raise RuntimeError(f"a first scan of {images} files probed {r['probes']}")
+            if not (validate == "decode" and n_threads == 1):
+                shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def measure_size(folder: Path, images: int, threads: int, repeats: int, concurrent: Sequence[int],
+                 log=print) -> dict:
+    """Every measurement of one folder of small JPEGs (see the module docstring)."""
+    base, one_core = folder.parent, _one_core()
+    rows = measure_first_scans(folder, images, threads, log=log)
+    warm = base / ".caches" / f"{folder.name}_decode_1"
+    cached = [run_children([{"root": str(folder), "validate": "decode", "threads": 1, "cpu": one_core,
+                             "cache_dir": str(warm)}])[0] for _ in range(max(1, repeats))]
+    if any(r["probes"] for r in cached):
+        raise RuntimeError(f"a cached scan probed {[r['probes'] for r in cached]} files")
+    walls, cpus = [r["wall_s"] for r in cached], [r["cpu_s"] for r in cached]
+    rows.append({"measurement": "cached scan", "validate": "decode", "threads": 1, "pinned_to_one_core": True,
+                 "wall_s": min(walls), "cpu_s": min(cpus), "median_wall_s": statistics.median(walls),
+                 "median_cpu_s": statistics.median(cpus), "repeats": len(cached), "images": cached[0]["images"],
+                 "probes": 0})
+    log(f"  {images:>9,} images  cached scan (1 core): best {min(walls):.3f} s wall, {min(cpus):.3f} s CPU "
+        f"(median of {len(cached)}: {statistics.median(walls):.3f} s)")
+    shutil.rmtree(warm, ignore_errors=True)
+    together = []
+    for n in concurrent:
+        cache = _fresh_cache(base, f"{folder.name}_concurrent_{n}")
+        procs = run_children([{"root": str(folder), "validate": "decode", "threads": threads, "cpu": None,
+                               "cache_dir": str(cache)} for _ in range(n)])
+        scanners = sum(r["probes"] > 0 for r in procs)
+        if any(r["images"] != images for r in procs):
+            raise RuntimeError(f"{n} concurrent scans found {[r['images'] for r in procs]} of {images} images")
+        together.append({"processes": n, "scanners": scanners, "total_probes": sum(r["probes"] for r in procs),
+                         "results": procs})
+        log(f"  {images:>9,} images  {n} processes on one cold cache: probes {[r['probes'] for r in procs]}, "
+            f"wall {[round(r['wall_s'], 2) for r in procs]} s")
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"images": images, "rows": rows, "concurrent": together}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _to_imagenet(size: dict) -> list[dict]:
+    """Per-1k costs added to `size`'s rows; the rows extrapolated to ImageNet (see the module docstring)."""
+    n = size["images"]
+    for row in size["rows"]:
+        row["per_1k_wall_ms"] = row["wall_s"] / n * 1000 * 1000
+        row["per_1k_cpu_ms"] = row["cpu_s"] / n * 1000 * 1000
+        row["per_file_wall_us"] = row["wall_s"] / n * 1e6
+    return [{"measurement": row["measurement"], "threads": row["threads"], "from_images": n,
+             "wall_s": row["wall_s"] / n * IMAGENET_TRAIN_IMAGES, "cpu_s": row["cpu_s"] / n * IMAGENET_TRAIN_IMAGES,
+             "cache_bytes": row["cache_bytes"] / n * IMAGENET_TRAIN_IMAGES if "cache_bytes" in row else None}
+            for row in size["rows"]]
+
+
+def extrapolate(report: dict) -> None:
+    """Add per-1k costs to every row, `extrapolated` (from the largest folder of small JPEGs), `photos_extrapolated`
+    and the goals, in place."""
+    largest = max(report["sizes"], key=lambda s: s["images"])
+    for size in report["sizes"]:
+        extrapolated = _to_imagenet(size)
+        if size is largest:
+            report["extrapolated"] = extrapolated
+    report["photos_extrapolated"] = _to_imagenet(report["photos"]) if report.get("photos") else None
+    cached = next(e for e in report["extrapolated"] if e["measurement"] == "cached scan")
+    report["goals"] = {"cached_scan_of_imagenet_on_one_core_s": {"value": cached["wall_s"], "goal": CACHED_GOAL_S,
+                                                                 "passed": cached["wall_s"] <= CACHED_GOAL_S},
+                       "one_scanner_among_concurrent_processes": {
+                           "passed": all(c["scanners"] == 1 and c["total_probes"] == size["images"]
+                                         for size in report["sizes"] for c in size["concurrent"]) if any(
+                               size["concurrent"] for size in report["sizes"]) else None}}
+
+
+def markdown(report: dict, facts: dict) -> list[str]:
+    sizes = sorted(report["sizes"], key=lambda s: s["images"])
+    setup = report["setup"]
+    lines = ["# Start-up at ImageNet scale: the image-folder scan", "", *facts_markdown(facts), "",
+             f"Folders: {', '.join(format(s['images'], ',') for s in sizes)} JPEGs of 32-64 px ({setup['distinct']} "
+             f"distinct files under many names) in {setup['classes']} class folders, ImageNet's layout, in the page "
+             f"cache. Each measurement in a child process of its own; 1 thread = pinned to one core; all cores = "
+             f"{setup['threads']} threads. CPU = `time.process_time()` of the child (all its threads).", "",
+             f"Extrapolation, linear in the number of files: t(1,281,167) = t(N) / N × 1,281,167, N = "
+             f"{sizes[-1]['images']:,}; the per-1k-image cost at each size shows the linearity.", ""]
+    headers = ["scan", "threads"] + [f"{s['images']:,}: wall s (CPU s)" for s in sizes] + \
+              [f"per 1k images at {s['images']:,}: wall ms (CPU ms)" for s in sizes] + \
+              ["→ 1,281,167: wall (CPU)"]
+    table = []
+    for k, row in enumerate(sizes[-1]["rows"]):
+        cells = [row["measurement"], row["threads"]]
+        cells += [f"{fmt(s['rows'][k]['wall_s'], 3)} ({fmt(s['rows'][k]['cpu_s'], 3)})" for s in sizes]
+        cells += [f"{fmt(s['rows'][k]['per_1k_wall_ms'], 1)} ({fmt(s['rows'][k]['per_1k_cpu_ms'], 1)})"
+                  for s in sizes]
+        e = report["extrapolated"][k]
+        cells.append(f"{_duration(e['wall_s'])} ({_duration(e['cpu_s'])})")
+        table.append(cells)
+    lines += markdown_table(headers, table)
+    cached = sizes[-1]["rows"][-1]
+    goal = report["goals"]["cached_scan_of_imagenet_on_one_core_s"]
+    cache_e = report["extrapolated"][0]["cache_bytes"]
+    lines += ["", f"Cached scan: best of {cached['repeats']} (median {fmt(cached['median_wall_s'], 3)} s wall at "
+              f"{sizes[-1]['images']:,}); {fmt(cached['per_file_wall_us'], 2)} µs a file. Goal: ImageNet's cached "
+              f"scan ≤ {CACHED_GOAL_S:.0f} s on one core: {_duration(goal['value'])}, **{verdict(goal['passed'])}**. "
+              f"Cache file: {fmt(sizes[-1]['rows'][0]['cache_bytes'] / 2**20, 1)} MiB at {sizes[-1]['images']:,} "
+              f"images, ≈ {fmt(cache_e / 2**20, 0)} MiB for ImageNet.", ""]
+    concurrent = [(s["images"], c) for s in sizes for c in s["concurrent"]]
+    if concurrent:
+        lines += ["Concurrent processes on one cold cache (torchrun's ranks on one node), decode, all cores each: "
+                  "one scanner, the others wait for its cache, then list and stat.", ""]
+        rows = [[f"{images:,}", c["processes"], c["scanners"],
+                 ", ".join(f"{r['probes']:,}" for r in c["results"]),
+                 ", ".join(f"{r['wall_s']:.2f}" for r in c["results"]),
+                 ", ".join(f"{r['cpu_s']:.2f}" for r in c["results"]),
+                 ", ".join("yes" if r["waited"] else "no" for r in c["results"])] for images, c in concurrent]
+        lines += markdown_table(["images", "processes", "processes that probed", "probes per process",
+                                 "wall s per process", "CPU s per process", "logged a wait"], rows)
+        passed = report["goals"]["one_scanner_among_concurrent_processes"]["passed"]
+        lines += ["", f"One scanner per cache: **{verdict(passed)}**."]
+    photos = report.get("photos")
+    if photos:
+        lines += ["", f"First scans of {photos['images']:,} ImageNet-sized photos (500×375 JPEGs, quality 90, "
+                  f"{setup['photo_distinct']} distinct files, {setup['photo_classes']} class folders).", ""]
+        rows = [[row["measurement"], row["threads"], f"{fmt(row['wall_s'], 3)} ({fmt(row['cpu_s'], 3)})",
+                 f"{fmt(row['per_1k_wall_ms'], 1)} ({fmt(row['per_1k_cpu_ms'], 1)})",
+                 f"{_duration(e['wall_s'])} ({_duration(e['cpu_s'])})"]
+                for row, e in zip(photos["rows"], report["photos_extrapolated"], strict=True)]
+        lines += markdown_table(["scan", "threads", f"{photos['images']:,}: wall s (CPU s)",
+                                 "per 1k images: wall ms (CPU ms)", "→ 1,281,167: wall (CPU)"], rows)
+    lines += ["", "What threads can gain: a probe's Python part (Pillow's header parser, tens of µs a file) holds the "
+              "GIL, its decoding does not. A header scan, or a decode scan of tiny files, is mostly Python, so more "
+              "threads add contention rather than speed. A decode scan of photos is mostly decoding, so it gains "
+              "from the cores."]
+    return lines
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def remove_folders(base: Path) -> None:
+    """Delete what `ensure_folder` and the measurements wrote under `base` (only that), and `base` if then empty."""
+    for path in [*base.glob("n*"), *base.glob("photos*"), *base.glob(".*.partial")]:
+        if (path / _MARKER).exists() or path.name.endswith(".partial"):
+            shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(base / ".caches", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        base.rmdir()
+
+
+def run_benchmark(base: Path, images: int, subsets: Sequence[int], classes: int, distinct: int, threads: int,
+                  repeats: int, concurrent: Sequence[int], photos: int = 0, log=print) -> dict:
+    sizes = sorted({*[s for s in subsets if 0 < s < images], images})
+    photo_classes = max(1, min(classes, photos // PHOTOS_PER_CLASS))
+    report = {"setup": {"images": sizes, "classes": classes, "distinct": distinct, "threads": threads,
+                        "repeats": repeats, "concurrent": list(concurrent), "folder": str(base),
+                        "photos": photos, "photo_classes": photo_classes, "photo_distinct": PHOTO_DISTINCT,
+                        "formula": "t(1,281,167) = t(N) / N * 1,281,167, N = the largest size"},
+              "sizes": [], "photos": None}
+    for size in sizes:
+        folder = ensure_folder(base, size, min(classes, size), distinct, log=log)
+        report["sizes"].append(measure_size(folder, size, threads, repeats, concurrent, log=log))
+    if photos:
+        folder = ensure_folder(base, photos, photo_classes, PHOTO_DISTINCT, kind="photo", log=log)
+        report["photos"] = {"images": photos, "rows": measure_first_scans(folder, photos, threads, log=log)}
+    shutil.rmtree(base / ".caches", ignore_errors=True)
+    extrapolate(report)
+    return report
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scan_scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=100_000, help="the largest folder (default 100000)")
+    parser.add_argument("--subsets", type=_int_list, default=[20_000],
+                        help="smaller folders also measured, comma-separated (default 20000; '' for none)")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/scan_bench"),
+                        help="where the folders are generated (once) and kept (default /tmp/scan_bench)")
+    parser.add_argument("--classes", type=int, default=1000, help="class folders (default 1000, as ImageNet)")
+    parser.add_argument("--distinct", type=int, default=300, help="distinct JPEGs written under many names")
+    parser.add_argument("--threads", type=int, default=available_cores(),
+                        help="threads of the all-cores first scans (default: the cores this process may use)")
+    parser.add_argument("--repeats", type=int, default=3, help="cached scans (best and median reported)")
+    parser.add_argument("--concurrent", type=_int_list, default=[2, 4],
+                        help="process counts started together on one cold cache (default 2,4; '' for none)")
+    parser.add_argument("--photos", type=int, default=2000,
+                        help="also first scans of this many ImageNet-sized JPEGs (500x375; default 2000, 0: none)")
+    parser.add_argument("--delete", action="store_true", help="delete the generated folders afterwards")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where to write (default: bench/results/local/, git-ignored, or $BENCH_RESULTS_DIR)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write the committed bench/results/ instead (a deliberate update)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    args = parser.parse_args(argv)
+    for name in ("images", "classes", "distinct", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: expected at least 1")
+    if args.photos < 0:
+        parser.error(f"--photos {args.photos}: expected 0 (none) or more")
+    if any(n < 2 for n in args.concurrent):
+        parser.error(f"--concurrent {args.concurrent}: each count must be at least 2")
+    facts = machine_facts()  # before the run: the load average says whether the CPU was shared
+    facts["command"] = "python -m bench.scan_scale " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    try:
+        report = run_benchmark(args.folder, args.images, args.subsets, args.classes, args.distinct, args.threads,
+                               args.repeats, args.concurrent, args.photos, log=_log)
+    finally:
+        if args.delete:
+            remove_folders(args.folder)
+    lines = markdown(report, facts)
+    print("\n".join(lines))
+    if not args.no_write:
+        results_dir = args.results_dir or resolve_results_dir(full=True, save_results=args.save_results)
+        files = write_results(results_dir, KIND, facts, report, lines)
+        print(f"\nwrote {files.json} and {files.markdown}", file=sys.stderr)
+    return 0 if report["goals"]["one_scanner_among_concurrent_processes"]["passed"] is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
