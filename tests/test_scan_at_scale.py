@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from train.data import index as data_index
+from train.data import scan_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_the_cache_round_trips_and_a_cached_scan_probes_nothing(mixed_folder, tm
     assert first.files[:2] == [str(mixed_folder / "a" / "0" / "0000.png"), str(mixed_folder / "a" / "0000.png")]
     assert any(os.fsencode(f).endswith(b"bad\xff\xfe.png") for f in first.files)
     assert sorted(Path(p).name for p in first.skipped) == ["empty.jpg", "truncated.jpg"]
-    cached = data_index._load_cache(cache_file(cache), mixed_folder.absolute(), "decode")
+    cached = scan_cache.load_cache(cache_file(cache), mixed_folder.absolute(), accepted=("decode",))
     assert cached is not None and len(cached.names) == 18
     assert sorted(cached.folders) == ["a", "a-b", "a/0", "a/deeper", "b"]
     assert len(cached.reasons) == 2 and "empty file" in cached.reasons.values()
@@ -194,7 +195,7 @@ def test_a_cache_that_does_not_validate_is_rebuilt_with_a_warning(tmp_path, capl
 def test_a_version_1_json_cache_is_replaced(tmp_path, counted_probes):
     root, cache = tmp_path / "photos", tmp_path / "cache"
     write_pngs(root / "c", 2)
-    old = data_index._cache_file(root.absolute(), cache).with_suffix(".json")
+    old = scan_cache.cache_file(root.absolute(), cache).with_suffix(".json")
     old.parent.mkdir(parents=True)
     old.write_text('{"version": 1, "root": "x", "validate": "decode", "entries": {}}')
     data_index.scan_image_folder(root, cache_dir=cache)
@@ -352,7 +353,7 @@ def test_ctrl_c_ends_a_scan_promptly_in_every_phase(tmp_path, phase):
         write_pngs(root, 400)
     lock_fd = None
     if phase == "waiting for the lock":  # another process's scan holds the lock for good
-        lock_path = data_index._cache_file(root.absolute(), cache)
+        lock_path = scan_cache.cache_file(root.absolute(), cache)
         lock_path = lock_path.with_name(f"{lock_path.name}.lock")
         lock_path.parent.mkdir(parents=True)
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
