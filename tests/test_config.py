@@ -121,6 +121,20 @@ FLAGS = {
         "--config": (None, None, None, "store",
                  "a YAML recipe (configs/pretrain/*.yaml): flag names without the dashes as keys; flags given here "
                  "override it (default: none)"),
+        # The k-NN monitor (issue 18).
+        "--knn_data_path": (None, None, None, "store",
+                 "a labelled folder <root>/train/<class>/* and <root>/val/<class>/* (or 'digits', the embedded "
+                 "handwritten digits): the frozen encoder's features (cls token, average of the patch tokens) of the "
+                 "whole image are scored by a weighted k-NN from train to val, top-1/top-5 in the summary lines and "
+                 "metrics.jsonl (default: 'digits' with --data_path demo, else none: no monitor)"),
+        "--knn_every": (10, 'int', None, "store",
+                 "k-NN evaluation every N epochs, at the run's end and at step 0 of a fresh run (the random "
+                 "encoder); 0: no monitor"),
+        "--knn_k": (20, 'int', None, "store",
+                 'neighbours that vote in the k-NN monitor (weights exp(cosine / 0.07))'),
+        "--knn_max_train": (None, 'int', None, "store",
+                 "at most N images of the k-NN monitor's train/ folder: the first N of a permutation drawn from "
+                 "--seed, in file order, for quick checks (default: all)"),
     },
 }
 CLASSIFY_FLAGS = {  # the rows train.finetune and train.linprobe share
@@ -326,7 +340,8 @@ def test_pretraining_policies():
     assert groups[Policy.MATCH] == {"model", "img_size", "patch_size", "mask_ratio", "kept_mask_ratio",
                                     "decoder_depth", "norm_pix_loss", "batch_size", "accum_iter", "seed", "blr",
                                     "lr", "min_lr", "weight_decay", "warmup_epochs", "epochs"}
-    assert groups[Policy.FREE] == {"resume", "max_steps", "init_encoder", "config", "scan_threads"}
+    assert groups[Policy.FREE] == {"resume", "max_steps", "init_encoder", "config", "scan_threads", "knn_data_path",
+                                   "knn_every", "knn_k", "knn_max_train"}  # the k-NN monitor never changes training
     assert "backend" in groups[Policy.WARN] and "output_dir" in groups[Policy.WARN]
 
 
@@ -424,19 +439,23 @@ def test_demo_defaults_are_returned_not_written_back():
     assert (config.optim.lr, config.optim.blr, config.model.img_size, config.model.patch_size) == (None,) * 4
     m, o = resolved.config.model, resolved.config.optim
     assert (o.lr, o.blr, m.img_size, m.patch_size) == (P.DEMO_LR, P.BLR, 48, 4)
-    assert resolved.demo_recipe == "--lr 0.001 --img_size 48 --patch_size 4"
+    assert resolved.demo_recipe == (
+        "--lr 0.001 --img_size 48 --patch_size 4 --knn_data_path digits --knn_max_train 500")
+    assert resolved.config.knn.knn_data_path == "digits" and config.knn.knn_data_path is None
     assert (resolved.model_config.img_size, resolved.model_config.patch_size) == (48, 4)
     assert resolved.data_backend == "auto" and Path(resolved.data_root).is_dir()
     # Each demo default fills only what is not given.
     resolved = P.parse_pretrain(["--blr", "1e-4"])
-    assert resolved.config.optim.lr is None and resolved.demo_recipe == "--img_size 48 --patch_size 4"
-    resolved = P.parse_pretrain(["--img_size", "32"])
+    assert resolved.config.optim.lr is None
+    assert resolved.demo_recipe == "--img_size 48 --patch_size 4 --knn_data_path digits --knn_max_train 500"
+    assert P.parse_pretrain(["--knn_max_train", "9"]).config.knn.knn_max_train == 9  # a given cap is kept
+    resolved = P.parse_pretrain(["--img_size", "32", "--knn_every", "0"])
     assert (resolved.config.model.img_size, resolved.config.model.patch_size) == (32, 8)
-    assert resolved.demo_recipe == "--lr 0.001"
+    assert resolved.demo_recipe == "--lr 0.001" and resolved.knn_root is None
     resolved = P.parse_pretrain(["--data_path", "synthetic"])
     assert (resolved.config.optim.lr, resolved.config.optim.blr, resolved.demo_recipe) == (None, P.BLR, "")
     assert (resolved.data_backend, resolved.config.data.data_backend) == ("synthetic", "synthetic")
-    assert resolved.data_root is None
+    assert resolved.data_root is None and resolved.knn_root is None and resolved.config.knn.knn_data_path is None
 
 
 def test_the_model_s_values_are_filled_in():

@@ -20,9 +20,12 @@ from train.checkpoint import LAST, load_training_checkpoint
 from train.step import TrainStep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small and quick: the tiny model on 32-pixel crops (16 patches of 8 pixels), the demo photos.
+# Small and quick: the tiny model on 32-pixel crops (16 patches of 8 pixels), the demo photos. Without the demo's
+# k-NN monitor (two evaluations a run), except where a test puts it back (KNN_ON): tests/test_knn.py tests it.
 QUICK = ["--img_size", "32", "--batch_size", "8", "--num_workers", "0", "--data_backend", "torch",
-         "--log_every", "1", "--lr", "1e-3", "--warmup_epochs", "0", "--epochs", "3", "--recon_every", "1"]
+         "--log_every", "1", "--lr", "1e-3", "--warmup_epochs", "0", "--epochs", "3", "--recon_every", "1",
+         "--knn_every", "0"]
+KNN_ON = ["--knn_every", "10"]  # its default: on the digits, with the demo
 
 
 def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -32,27 +35,33 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def losses(out: pathlib.Path) -> dict[int, float]:
-    """Loss per step from metrics.jsonl; a step logged twice (before a kill and after the resume)
-    keeps its last value."""
+    """Loss per step from metrics.jsonl (the k-NN monitor's records, which have none, passed over); a step logged
+    twice (before a kill and after the resume) keeps its last value."""
     per_step = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        per_step[record["step"]] = record["loss"]
+        if "loss" in record:
+            per_step[record["step"]] = record["loss"]
     return per_step
 
 
 def test_default_run_writes_checkpoint_metrics_and_reconstructions(tmp_path):
     out = tmp_path / "run"
-    result = run_cli(["--output_dir", str(out), "--max_steps", "6", *QUICK])
+    result = run_cli(["--output_dir", str(out), "--max_steps", "6", *QUICK, *KNN_ON])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "effective batch 8" in result.stdout and "actual lr" in result.stdout
     ckpt = load_training_checkpoint(out / LAST)
     assert ckpt["step"] == 6
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 7))
-    for r in records:
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    for r in steps:
         assert {"step", "epoch", "loss", "lr", "img_per_s", "data_wait"} <= set(r)
         assert r["loss"] > 0 and r["img_per_s"] > 0
+    # The demo's k-NN monitor on the digits: the random encoder at step 0, then the run's end.
+    knn = [r for r in records if "loss" not in r]
+    assert [r["step"] for r in knn] == [0, 6] and all(0 <= r["knn_cls_top1"] <= 100 for r in knn)
+    assert "step 0, before training: k-NN top-1/top-5: cls " in result.stdout
     png = out / "reconstruction-final.png"
     assert png.exists() and (out / "loss.png").exists()
     from PIL import Image
@@ -102,7 +111,8 @@ def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, backend, signum):
         pytest.importorskip("nvidia.dali")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = [*QUICK, "--num_workers", "2", "--data_backend", backend, "--accum_iter", "8"]
+    # With the k-NN monitor: its loaders must leave nothing a stop signal could break (no idle worker processes).
+    flags = [*QUICK, *KNN_ON, "--num_workers", "2", "--data_backend", backend, "--accum_iter", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--output_dir", str(out), "--max_steps", "500",
                              "--save_every", "0", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -213,7 +223,7 @@ def test_ddp_two_cpu_processes(tmp_path):
             busy.listen()
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", str(ROOT / "tests" / "ddp_worker.py"),
-                                 "--output_dir", str(out), "--max_steps", "3", *QUICK],
+                                 "--output_dir", str(out), "--max_steps", "3", *QUICK, *KNN_ON],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "terminate called" not in result.stderr  # gloo threads torn down under a live interpreter

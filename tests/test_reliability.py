@@ -640,3 +640,72 @@ def test_temporaries_of_every_run_file_a_killed_write_left_are_removed_and_nothi
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == sorted(leftovers)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+# -- issue 19, item 1: data that vanishes mid-run ------------------------------------------------------------
+
+# Run first in the child: after the step named by FAULT_AT_STEP, the data goes away as FAULT says (the folder
+# renamed, or a quarter of its files deleted), once.
+DATA_FAULT = """
+import os, pathlib, shutil
+from train import reporting
+_done, _step_done = [], reporting.StepReporter.step_done
+def _step_done_then_fault(self, *a, **k):
+    _step_done(self, *a, **k)
+    self._steps_seen = getattr(self, "_steps_seen", self.start_step) + 1
+    if self._steps_seen == int(os.environ["FAULT_AT_STEP"]) and not _done:
+        _done.append(1)
+        root = pathlib.Path(os.environ["FAULT_DATA"])
+        if os.environ["FAULT"] == "renamed":
+            root.rename(root.with_name(root.name + "-away"))
+        else:
+            for path in sorted(root.rglob("*.jpg"))[::4]:
+                path.unlink()
+reporting.StepReporter.step_done = _step_done_then_fault
+"""
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("fault", ["renamed", "quarter deleted"])
+def test_data_that_vanishes_mid_run_stops_it_saved_with_one_line(images, tmp_path, backend, fault):
+    """The data folder renamed away, or a quarter of its files deleted, after step 3: the run saves its last
+    complete step, says in one line what is missing and how to resume, and exits 1 (it did not: the torch
+    backend trained to the end on mean-colour stand-ins, DALI died with a pipeline error, losing everything
+    since the last checkpoint). With the data back, the same command resumes to the numbers of a run that never
+    lost it."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    data = tmp_path / "data"
+    for copy in range(4):  # 256 images: one epoch of 16 steps, so that lost files are met for the first time
+        shutil.copytree(images / "cls", data / "cls", dirs_exist_ok=True,
+                        copy_function=lambda src, dst, copy=copy: shutil.copy2(src, f"{dst[:-4]}-{copy}.jpg"))
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--data_path", str(data), *FLAGS, "--data_backend", backend,
+            "--save_every", "0", "--epochs", "1"]
+    faulty = subprocess.run(child_command(args, DATA_FAULT), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**env(), "FAULT": fault, "FAULT_DATA": str(data), "FAULT_AT_STEP": "3"})
+    output = faulty.stdout + faulty.stderr
+    assert faulty.returncode == 1, output
+    assert "Traceback" not in output
+    lost = [line for line in output.splitlines() if "data source lost" in line and "ERROR" in line]
+    assert len(lost) == 1, output
+    assert "run the same command to resume" in lost[0]
+    if fault == "renamed":
+        assert f"the data folder {data} is gone" in lost[0], lost[0]
+    else:
+        assert "FileNotFoundError" in lost[0] and str(data) in lost[0], lost[0]
+    saved = load_training_checkpoint(out / LAST)["step"]
+    assert 3 <= saved < 16 and max(losses(out)) == saved, (saved, losses(out))  # the lost step is not kept
+    if fault != "renamed":
+        return
+    (data.with_name("data-away")).rename(data)
+    resumed = subprocess.run(child_command(args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    straight = tmp_path / "straight"
+    subprocess.run(child_command([*args[:1], str(straight), *args[2:]]), cwd=ROOT, env=env(), check=True,
+                   capture_output=True, timeout=300)
+    assert losses(out) == losses(straight)

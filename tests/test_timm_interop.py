@@ -57,7 +57,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 QUICK_PRETRAIN = ["--max_steps", "1", "--batch_size", "8", "--num_workers", "0", "--data_backend", "torch",
-                  "--epochs", "1", "--warmup_epochs", "0", "--recon_every", "0", "--log_every", "1"]
+                  "--epochs", "1", "--warmup_epochs", "0", "--recon_every", "0", "--log_every", "1", "--knn_every", "0"]
 
 
 @pytest.fixture(scope="module")

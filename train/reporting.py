@@ -1,5 +1,7 @@
 """What the pre-training loop reports: a record per logged step (``metrics.jsonl``, TensorBoard, the progress
-bar or a log line), a summary line per group of epochs that stays on screen, and the run's final line.
+bar or a log line), a summary line per group of epochs that stays on screen, and the run's final line. A k-NN
+evaluation (train/knn.py) gets its own record, and its numbers join the next summary line (the step-0 baseline,
+before any summary, a line of its own); its time is left out of the throughput figures.
 
 Losses are summed on the device between log steps: the log steps (and the summaries) are the loop's only
 host synchronisations. Means are taken across processes (collective under DDP: every rank calls them).
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from train import distributed
+from train.knn import KnnResult
 from train.monitor import MetricsLog, ProgressBar
 
 logger = logging.getLogger("train")
@@ -40,6 +43,10 @@ class _Span:
         self.steps += 1
         self.waited += waited
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent on something else than training (an evaluation) out of the span's time."""
+        self.start += seconds
+
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
 
@@ -57,6 +64,7 @@ class StepReporter:
         self.window = _Span(device, start_step)  # since the last log step (restarted on entering)
         self.summary = _Span(device, start_step)  # since the last summary line (restarted on entering)
         self.loss_range: tuple[float | None, float | None] = (None, None)  # first and last logged loss, this run
+        self.knn_unshown: tuple[int, KnnResult] | None = None  # the latest k-NN evaluation (step, result), unshown
         self.log: MetricsLog | None = None
         self.bar: ProgressBar | None = None
 
@@ -99,6 +107,18 @@ class StepReporter:
             logger.info("step %d/%d  %s", step, self.total_steps, stats)
         self.window = _Span(self.device, step)
 
+    def knn_done(self, step: int, epoch: float, result: KnnResult) -> None:
+        """Record a k-NN evaluation (rank 0, which has its result): its own metrics.jsonl record; shown by the next
+        summary line, or at once when no step ran yet this run (a fresh run's step-0 baseline)."""
+        self.log.write({"step": step, "epoch": round(epoch, 4), **result.record()})
+        self.window.exclude(result.seconds)
+        self.summary.exclude(result.seconds)
+        if step == self.start_step:
+            logger.info("step %d, before training: %s on %d train / %d val images, k=%d", step, result.describe(),
+                        result.num_train, result.num_val, result.k)
+        else:
+            self.knn_unshown = step, result
+
     def epoch_done(self, epoch: int, step: int, lr: float) -> None:
         """A summary line once the epochs since the last one hold enough steps, or at the run's end."""
         if step - self.summary.first_step >= SUMMARY_MIN_STEPS or step >= self.total_steps:
@@ -111,9 +131,14 @@ class StepReporter:
             return
         loss = distributed.mean_across_ranks(s.loss_sum / (s.steps * self.accum_iter)).item()
         img_per_s = s.steps * self.images_per_step / s.elapsed()
-        logger.info("epoch %d/%d  step %d/%d  loss %.4f (mean of steps %d-%d)  lr %.2e  %.0f img/s  elapsed %s",
+        knn = ""
+        if self.knn_unshown is not None:
+            knn_step, result = self.knn_unshown
+            knn = f"  {result.describe()}" + (f" at step {knn_step}" if knn_step != step else "")
+            self.knn_unshown = None
+        logger.info("epoch %d/%d  step %d/%d  loss %.4f (mean of steps %d-%d)  lr %.2e  %.0f img/s  elapsed %s%s",
                     epoch, self.epochs, step, self.total_steps, loss, s.first_step + 1, step, lr, img_per_s,
-                    format_duration(time.perf_counter() - self.started))
+                    format_duration(time.perf_counter() - self.started), knn)
         self.summary = _Span(self.device, step)
 
     def final_line(self, step: int, written: list[str]) -> None:

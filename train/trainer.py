@@ -2,9 +2,11 @@
 
 Parts: the data loader (train/data/), the model and AdamW (train/optim.py), the one training step
 (train/step.py), the checkpoint manager (train/checkpointing.py), the reporter (train/reporting.py), the
-reconstruction grids (train/grids.py), and the stop rules (train/run_control.py). Its own state is the
-position in the schedule: ``step``, ``epoch`` and ``batch_in_epoch``; ``state_dict()`` /
-``load_state_dict()`` are the one pair that builds and reads a checkpoint.
+reconstruction grids (train/grids.py), the k-NN monitor (train/knn.py: at step 0 of a fresh run, every
+--knn_every epochs and at the end, after that step's checkpoint; it leaves the RNG states, the data order and
+the model's mode as they were), and the stop rules (train/run_control.py). Its own state is the position in the
+schedule: ``step``, ``epoch`` and ``batch_in_epoch``; ``state_dict()`` / ``load_state_dict()`` are the one pair
+that builds and reads a checkpoint.
 
 Each epoch runs ``len(loader) // accum_iter`` optimizer steps (a tail shorter than one step is not read).
 The data order, crops and masks are pure functions of (seed, epoch, position, rank), so a resumed run reads
@@ -29,8 +31,9 @@ from train.checkpoint import FORMAT, LAST, rng_state, set_rng_state
 from train.checkpointing import CheckpointManager
 from train.config import compare, flat_settings, saved_settings, to_dict
 from train.config.pretrain import ResolvedPretrain
-from train.data import build_loader
+from train.data import DataSourceLost, build_loader
 from train.grids import LOSS_PLOT, ReconstructionGrids
+from train.knn import KnnMonitor
 from train.monitor import peak_flops
 from train.optim import build_optimizer, check_lr, lr_at, scaled_lr
 from train.reporting import StepReporter
@@ -115,6 +118,12 @@ class PretrainTrainer:
                                           resolved.data_backend, self.device, r.seed,
                                           index=getattr(self.loader, "index", None))  # the training scan, reused
                       if dist_info.is_main else None)
+        k = config.knn
+        self.knn = (KnnMonitor(resolved.knn_root, k=k.knn_k, max_train=k.knn_max_train, img_size=cfg.img_size,
+                               batch_size=o.batch_size, device=self.device, rank=dist_info.rank,
+                               world_size=dist_info.world_size, seed=r.seed, scan_threads=config.data.scan_threads)
+                    if resolved.knn_root is not None else None)
+        self.knn_step: int | None = None  # the step of this run's last k-NN evaluation
         self.eff_batch = o.batch_size * o.accum_iter * dist_info.world_size
         self.lr = check_lr(o.lr if o.lr is not None else scaled_lr(o.blr, self.eff_batch, cfg.mask_ratio,
                                                                     cfg.kept_mask_ratio),
@@ -223,6 +232,9 @@ class PretrainTrainer:
         if self.resolved.demo_recipe:
             logger.info("demo recipe (flags not given): %s, %d-pixel crops in %d patches", self.resolved.demo_recipe,
                         self.cfg.img_size, self.cfg.num_patches)
+        if self.knn is not None:
+            logger.info("k-NN monitor: %s; every %d epochs, at the end%s", self.knn.describe(),
+                        self.resolved.config.knn.knn_every, " and now (step 0)" if self.step == 0 else "")
         backend_notice(self.cfg.backend, self.device)
         if self.step >= self.total_steps:
             logger.info("nothing to do: the run is already at step %d of %d", self.step, self.total_steps)
@@ -240,6 +252,8 @@ class PretrainTrainer:
     def _loop(self, reporter: StepReporter, stop: StopRequest) -> None:
         o, r = self.optim_cfg, self.run_cfg
         self.net.train()
+        if self.step == 0:
+            self._knn_evaluate(reporter)  # the random encoder: the baseline the later numbers move from
         while self.step < self.total_steps:
             self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             batches = iter(self.loader)
@@ -248,6 +262,13 @@ class PretrainTrainer:
                            o.warmup_epochs, o.epochs)
                 try:
                     loss, waited = self.train_step(batches, self.step, lr)
+                except DataSourceLost:
+                    # The data went away: drop the unfinished step and keep the last complete one (one process
+                    # alone cannot save under DDP: the others may be inside their step; the last save stands).
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if not self.dist.enabled:
+                        self.save()
+                    raise
                 except Exception:
                     if not stop.requested:
                         raise
@@ -273,8 +294,10 @@ class PretrainTrainer:
                     self.save()
             if self.batch_in_epoch >= self.batches_per_epoch:
                 self._end_epoch(reporter)
-        reporter.summary_line(self.epoch, self.step, self.optimizer.param_groups[0]["lr"])  # --max_steps mid-epoch
         self.save()
+        if self.knn_step != self.step:  # --max_steps mid-epoch: the end's evaluation, after the save
+            self._knn_evaluate(reporter)
+        reporter.summary_line(self.epoch, self.step, self.optimizer.param_groups[0]["lr"])  # --max_steps mid-epoch
 
     def _end_epoch(self, reporter: StepReporter) -> None:
         self.epoch += 1
@@ -283,7 +306,19 @@ class PretrainTrainer:
         self.save(keep=r.keep_every > 0 and (self.epoch % r.keep_every == 0 or self.epoch == self.optim_cfg.epochs))
         if self.dist.is_main and r.recon_every and self.epoch % r.recon_every == 0:
             self.grids.save(f"reconstruction-ep{self.epoch:04d}.png", self.step, self.epoch)
+        if self.knn is not None and (self.epoch % self.resolved.config.knn.knn_every == 0
+                                     or self.step >= self.total_steps):
+            self._knn_evaluate(reporter)  # after the save: a failing evaluation costs no training
         reporter.epoch_done(self.epoch, self.step, self.optimizer.param_groups[0]["lr"])
+
+    def _knn_evaluate(self, reporter: StepReporter) -> None:
+        """A k-NN evaluation of the encoder now (when the monitor is on; collective), recorded by rank 0."""
+        if self.knn is None:
+            return
+        result = self.knn.evaluate(self.model, self.train_step.autocast_dtype)
+        self.knn_step = self.step
+        if result is not None:
+            reporter.knn_done(self.step, self.epoch + self.batch_in_epoch / self.batches_per_epoch, result)
 
     def _save_and_stop(self) -> None:
         self.save()

@@ -4,6 +4,7 @@
     resolved.config                             # PretrainConfig, derived defaults filled in: what checkpoints store
     resolved.model_config                       # the validated ModelConfig the run builds
     resolved.data_root, resolved.data_backend, resolved.demo_recipe
+    resolved.knn_root                           # the k-NN monitor's folder (train/, val/), None when it is off
 
 ``resolve_pretrain(config)`` does the same for a config built in-process (raising ConfigError). Nothing is
 written back: the namespace parsed and the config given are left as they are.
@@ -46,6 +47,11 @@ BLR = 1.5e-4  # the paper's base lr
 DEMO_LR = 1e-3
 DEMO_IMG_SIZE, DEMO_PATCH_SIZE = 48, 4
 SYNTHETIC_IMAGES = 4096
+# The k-NN monitor: every 10 epochs, the demo's summary period (10 epochs of 5 steps); with the demo, on the
+# embedded digits unless --knn_data_path is given, so that a first run shows the number move from step 0's.
+KNN_EVERY = 10
+DEMO_KNN_DATA = "digits"
+DEMO_KNN_MAX_TRAIN = 500  # of the digits' 1,438 train images: halves each evaluation's cost (~7 s on 2 cores)
 
 BACKEND_CHOICES = ("torch", "triton", "auto")
 BACKEND_HELP = ("model ops: torch (the PyTorch references), triton (the fused Triton kernels; on CUDA the run first "
@@ -134,11 +140,30 @@ class PretrainRun:
 
 
 @dataclass(frozen=True)
+class PretrainKnn:
+    """The online k-NN monitor (train/knn.py): it reads the encoder, never changes training (FREE on resume)."""
+
+    TITLE: ClassVar[str] = "k-NN monitor"
+    knn_data_path: str | None = option(
+        None, "a labelled folder <root>/train/<class>/* and <root>/val/<class>/* (or 'digits', the embedded "
+              "handwritten digits): the frozen encoder's features (cls token, average of the patch tokens) of the "
+              "whole image are scored by a weighted k-NN from train to val, top-1/top-5 in the summary lines and "
+              "metrics.jsonl (default: 'digits' with --data_path demo, else none: no monitor)", FREE)
+    knn_every: int = option(KNN_EVERY, "k-NN evaluation every N epochs, at the run's end and at step 0 of a fresh run "
+                                       "(the random encoder); 0: no monitor", FREE, minimum=0)
+    knn_k: int = option(20, "neighbours that vote in the k-NN monitor (weights exp(cosine / 0.07))", FREE, minimum=1)
+    knn_max_train: int | None = option(
+        None, "at most N images of the k-NN monitor's train/ folder: the first N of a permutation drawn from --seed, "
+              "in file order, for quick checks (default: all)", FREE, minimum=1)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     model: PretrainModel = field(default_factory=PretrainModel)
     optim: PretrainOptim = field(default_factory=PretrainOptim)
     data: PretrainData = field(default_factory=PretrainData)
     run: PretrainRun = field(default_factory=PretrainRun)
+    knn: PretrainKnn = field(default_factory=PretrainKnn)
 
 
 @dataclass(frozen=True)
@@ -150,6 +175,7 @@ class ResolvedPretrain:
     data_backend: str  # effective: "synthetic" for --data_path synthetic, else as given ("auto" resolves later)
     data_root: str | None  # the image folder (the demo's, materialised), None for synthetic data
     demo_recipe: str  # the demo defaults used, as flags ("" when none): logged by the run
+    knn_root: str | None = None  # the k-NN monitor's folder (train/ and val/), None when the monitor is off
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -191,6 +217,12 @@ def resolve_pretrain(config: PretrainConfig) -> ResolvedPretrain:
         if m.model == DEFAULT_MODEL and m.img_size is None and m.patch_size is None:
             img_size, patch_size = DEMO_IMG_SIZE, DEMO_PATCH_SIZE
             demo.append(f"--img_size {DEMO_IMG_SIZE} --patch_size {DEMO_PATCH_SIZE}")
+    knn_path, knn_max_train = config.knn.knn_data_path, config.knn.knn_max_train
+    if knn_path is None and str(d.data_path) == "demo" and config.knn.knn_every > 0:
+        knn_path, knn_max_train = DEMO_KNN_DATA, config.knn.knn_max_train or DEMO_KNN_MAX_TRAIN
+        demo.append(f"--knn_data_path {DEMO_KNN_DATA}" + ("" if config.knn.knn_max_train else
+                                                          f" --knn_max_train {DEMO_KNN_MAX_TRAIN}"))
+    knn_root = _knn_root(knn_path) if knn_path is not None and config.knn.knn_every > 0 else None
     _check_machine(o.precision, r.device, r.tensorboard)
     _check_paths(r)
     model = replace(m, img_size=img_size, patch_size=patch_size)
@@ -222,8 +254,22 @@ def resolve_pretrain(config: PretrainConfig) -> ResolvedPretrain:
                     decoder_depth=model_config.decoder_depth, kept_mask_ratio=model_config.kept_mask_ratio,
                     backend=model_config.backend)
     filled = replace(config, model=model, optim=replace(o, lr=lr, blr=BLR if o.blr is None else o.blr),
-                     data=replace(d, data_backend=data_backend))
-    return ResolvedPretrain(filled, model_config, data_backend, data_root, " ".join(demo))
+                     data=replace(d, data_backend=data_backend),
+                     knn=replace(config.knn, knn_data_path=knn_path, knn_max_train=knn_max_train))
+    return ResolvedPretrain(filled, model_config, data_backend, data_root, " ".join(demo), knn_root)
+
+
+def _knn_root(knn_path: str) -> str:
+    """The k-NN monitor's folder, materialised ('digits'); it must hold train/ and val/."""
+    try:
+        root = resolve_data_path(knn_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--knn_data_path {knn_path}: {e}") from e
+    missing = [split for split in ("train", "val") if root is None or not (root / split).is_dir()]
+    if missing:
+        raise ConfigError(f"--knn_data_path {knn_path}: no {' or '.join(f'{s}/' for s in missing)} folder in it; "
+                          "pass a folder holding train/<class>/<image> and val/<class>/<image> (or 'digits')")
+    return str(root)
 
 
 def _check_machine(precision: str | None, device: str | None, tensorboard: bool) -> None:
@@ -259,7 +305,9 @@ def write_resolved(resolved: ResolvedPretrain) -> Path:
 
 
 __all__ = ["BACKEND_CHOICES", "BACKEND_HELP", "BLR", "CONFIG_FILE",
-           "DEFAULT_MODEL", "DEMO_IMG_SIZE", "DEMO_LR", "DEMO_PATCH_SIZE", "SYNTHETIC_IMAGES",
-           "PretrainConfig", "PretrainData", "PretrainModel", "PretrainOptim", "PretrainRun", "ResolvedPretrain",
+           "DEFAULT_MODEL", "DEMO_IMG_SIZE", "DEMO_KNN_DATA", "DEMO_KNN_MAX_TRAIN", "DEMO_LR", "DEMO_PATCH_SIZE",
+           "KNN_EVERY",
+           "SYNTHETIC_IMAGES", "PretrainConfig", "PretrainData", "PretrainKnn", "PretrainModel", "PretrainOptim",
+           "PretrainRun", "ResolvedPretrain",
            "build_parser", "model_overrides", "parse_pretrain", "resolve_pretrain",
            "saved_settings", "write_resolved"]

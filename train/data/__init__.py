@@ -48,7 +48,7 @@ from train.data.plan import IMAGENET_MEAN, IMAGENET_STD, EpochPlan
 from train.data.synthetic import IMAGENET_TRAIN_SIZE, SyntheticLoader
 
 __all__ = ["BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DataSourceLost", "FolderLoader", "ImageIndex",
-           "SyntheticLoader", "available_backends", "build_loader", "cache_root", "dali_available",
+           "SyntheticLoader", "available_backends", "available_cores", "build_loader", "cache_root", "dali_available",
            "resolve_data_path", "scan_image_folder"]
 
 logger = logging.getLogger("train.data")
