@@ -16,6 +16,7 @@ does not pile up dated copies. Every file is written atomically (a temporary fil
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -155,3 +156,12 @@ def write_results(results_dir: Path, kind: str, facts: dict, payload: dict, mark
     return ResultFiles(json=own.with_suffix(".json"), markdown=own.with_suffix(".md"),
                        latest_json=latest.with_suffix(".json"), latest_markdown=latest.with_suffix(".md"),
                        attachments={s: latest.with_suffix(f".{s}") for s in texts if s not in ("json", "md")})
+
+
+def add_results_options(parser: argparse.ArgumentParser) -> None:
+    """A benchmark command's options for where its results go: --results-dir, --save-results, --no-write."""
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where to write (default: bench/results/local/, git-ignored, or $BENCH_RESULTS_DIR)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write the committed bench/results/ instead (a deliberate update)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from bench.machine import facts_markdown, machine_facts
-from bench.results import fmt, markdown_table, resolve_results_dir, verdict, write_results
+from bench.results import add_results_options, fmt, markdown_table, resolve_results_dir, verdict, write_results
 from train.data.index import available_cores
 
 KIND = "scan_scale"
@@ -401,11 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=2000,
                         help="also first scans of this many ImageNet-sized JPEGs (500x375; default 2000, 0: none)")
     parser.add_argument("--delete", action="store_true", help="delete the generated folders afterwards")
-    parser.add_argument("--results-dir", type=Path, default=None,
-                        help="where to write (default: bench/results/local/, git-ignored, or $BENCH_RESULTS_DIR)")
-    parser.add_argument("--save-results", action="store_true",
-                        help="write the committed bench/results/ instead (a deliberate update)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    add_results_options(parser)
     args = parser.parse_args(argv)
     for name in ("images", "classes", "distinct", "threads", "repeats"):
         if getattr(args, name) < 1:

@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from child_process import output_after_ctrl_c, wait_for_line
 from PIL import Image
 
 from model import read_checkpoint
@@ -68,20 +68,6 @@ def child_command(args, prelude: str = "") -> list[str]:
 def popen(args, prelude: str = "", **kwargs) -> subprocess.Popen:
     return subprocess.Popen(child_command(args, prelude), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
-    """Read the child's output until a line holds `marker`; returns what was read."""
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"no line with {marker!r} from the child:\n{''.join(seen)}")
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -447,13 +433,7 @@ def test_ctrl_c_during_start_up_ends_the_run_at_once_without_a_traceback(images,
     proc = popen_with_sigint(disposition, args, prelude=SLOW_SCAN if phase == "scan" else SLOW_MODEL_BUILD,
                              PROBE_COUNT=str(count))
     wait_for_line(proc, "START-UP IS SLOW")
-    proc.send_signal(signal.SIGINT)
-    try:
-        output, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(f"still running 20 s after a Ctrl-C during the {phase}:\n{output}") from None
+    output = output_after_ctrl_c(proc, f"the {phase}")
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output, output
     if phase == "scan":
@@ -487,13 +467,7 @@ def test_ctrl_c_during_the_imports_ends_the_run_with_one_line(tmp_path, module, 
                             env={**env(), "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_line(proc, f"IMPORTING {module}")
-    proc.send_signal(signal.SIGINT)
-    try:
-        output, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(f"still running 20 s after a Ctrl-C during the import of {module}:\n{output}") from None
+    output = output_after_ctrl_c(proc, f"the import of {module}")
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "interrupted during start-up; nothing was saved" in output, output
     assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_process import wait_for_line
 from PIL import Image
 
 from train.data import index as data_index
@@ -229,19 +230,6 @@ def start_child(root: Path, cache: Path, prelude: str = "", **env) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"no line with {marker!r} from the child:\n{''.join(seen)}{proc.stdout.read()}")
-
-
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -277,10 +265,10 @@ def test_a_second_process_waits_for_the_first_ones_scan_and_probes_nothing(tmp_p
     write_pngs(root, 30)
     first = start_child(root, cache, HELD_AT_FIRST_PROBE, RELEASE=str(release))
     try:
-        read_until(first, "PROBING")
+        wait_for_line(first, "PROBING")
         second = start_child(root, cache)
         try:
-            waited = read_until(second, "waiting for another process's scan")
+            waited = wait_for_line(second, "waiting for another process's scan")
             release.touch()
             out_first, out_second = finish(first), waited + finish(second)
         finally:
@@ -307,7 +295,7 @@ def test_processes_started_together_probe_each_file_once(tmp_path):
     write_pngs(root, 40)
     procs = [start_child(root, cache, STARTED_TOGETHER, GO=str(go)) for _ in range(3)]
     try:
-        ready = [read_until(p, "READY") for p in procs]
+        ready = [wait_for_line(p, "READY") for p in procs]
         go.touch()
         outputs = [r + finish(p) for r, p in zip(ready, procs, strict=True)]
     finally:
@@ -361,7 +349,7 @@ def test_ctrl_c_ends_a_scan_promptly_in_every_phase(tmp_path, phase):
     marker = "waiting for another process's scan" if lock_fd is not None else "PHASE"
     proc = start_child(root, cache, {"listing": SLOW_LISTING, "probing": SLOW_PROBES}.get(phase, ""))
     try:
-        read_until(proc, marker)
+        wait_for_line(proc, marker)
         time.sleep(0.2)  # inside the phase, not at its first step
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()

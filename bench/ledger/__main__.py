@@ -6,14 +6,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import bench.ledger
 from bench.ledger.report import markdown, run_ledger, to_jsonable
 from bench.ledger.step import BACKENDS, DEFAULT_SAMPLE_BATCHES
 from bench.machine import machine_facts
-from bench.results import resolve_results_dir, write_results
+from bench.results import add_results_options, resolve_results_dir, write_results
 from train.cards import CARDS
 from train.step import PRECISIONS
 
@@ -63,11 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the two small batches counted on the CPU (default 2,3)")
     parser.add_argument("--check-batch", type=int, default=None,
                         help="also count this batch and report how far the extrapolation is from it")
-    parser.add_argument("--results-dir", type=Path, default=None,
-                        help="where to write (default: bench/results/local/, git-ignored, or $BENCH_RESULTS_DIR)")
-    parser.add_argument("--save-results", action="store_true",
-                        help="write the committed bench/results/ instead (a deliberate update)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    add_results_options(parser)
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKENDS]
