@@ -323,4 +323,5 @@ def test_a_folder_without_train_or_val_is_refused_in_one_line_naming_the_flag(tm
         P.parse_pretrain(["--knn_data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("python -m train.pretrain: error: --knn_data_path ") and "does not exist" in line
+    assert line.startswith("python -m train.pretrain: error: --knn_data_path ") and "no such folder" in line
+    assert "train/<class>/<image> and val/<class>/<image>" in line and "synthetic" not in line  # k-NN's advice

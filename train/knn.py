@@ -224,8 +224,10 @@ class KnnMonitor:
         self.classes = self.train_loader.classes
 
     def describe(self) -> str:
-        return (f"{self.root}: {self.train_loader.num_images} train / {self.val_loader.num_images} val images, "
-                f"{len(self.classes)} classes, k={self.k}, T={TEMPERATURE}")
+        bank = self.train_loader.num_images
+        k = f"k={self.k}" if self.k <= bank else f"k={bank} (--knn_k {self.k}: the bank holds {bank} images)"
+        return (f"{self.root}: {bank} train / {self.val_loader.num_images} val images, "
+                f"{len(self.classes)} classes, {k}, T={TEMPERATURE}")
 
     def features(self, model: nn.Module, autocast_dtype: torch.dtype | None
                  ) -> tuple[LabelledFeatures, LabelledFeatures] | None:
@@ -258,4 +260,4 @@ class KnnMonitor:
                 self.device), k=self.k, num_classes=len(self.classes))
             accuracy += [100.0 * hits / len(queries.ids) for hits in top_n_hits(scores, queries.labels)]
         return KnnResult(*accuracy, seconds=time.perf_counter() - start, num_train=len(bank.ids),
-                         num_val=len(queries.ids), k=self.k)
+                         num_val=len(queries.ids), k=min(self.k, len(bank.ids)))

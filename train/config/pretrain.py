@@ -261,14 +261,17 @@ def resolve_pretrain(config: PretrainConfig) -> ResolvedPretrain:
 
 def _knn_root(knn_path: str) -> str:
     """The k-NN monitor's folder, materialised ('digits'); it must hold train/ and val/."""
+    expected = "pass a folder holding train/<class>/<image> and val/<class>/<image> (or 'digits')"
     try:
         root = resolve_data_path(knn_path)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError:
+        raise ConfigError(f"--knn_data_path {knn_path}: no such folder; {expected}") from None
+    except ValueError as e:
         raise ConfigError(f"--knn_data_path {knn_path}: {e}") from e
     missing = [split for split in ("train", "val") if root is None or not (root / split).is_dir()]
     if missing:
         raise ConfigError(f"--knn_data_path {knn_path}: no {' or '.join(f'{s}/' for s in missing)} folder in it; "
-                          "pass a folder holding train/<class>/<image> and val/<class>/<image> (or 'digits')")
+                          f"{expected}")
     return str(root)
 
 
