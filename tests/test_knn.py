@@ -191,6 +191,10 @@ def test_max_train_is_a_fixed_subset_drawn_from_the_seed(labelled):
     assert subset.labels.tolist() == index.labels[positions].tolist()
     assert subset_index(index, None, 0) is index and subset_index(index, 99, 0) is index
     assert monitor_of(labelled, max_train=5).evaluate(tiny_model(), None).num_train == 5
+    smaller_than_k = monitor_of(labelled, max_train=2)  # k=3 votes over a bank of 2: all of it, and said so
+    assert smaller_than_k.evaluate(tiny_model(), None).k == 2
+    assert "k=2 (--knn_k 3: the bank holds 2 images)" in smaller_than_k.describe()
+    assert ", k=3, " in monitor_of(labelled, max_train=5).describe()
 
 
 def test_train_and_val_with_other_classes_are_refused_naming_the_flag(tmp_path):

@@ -205,7 +205,7 @@ class KnnMonitor:
 
     def __init__(self, root: str | Path, *, k: int, max_train: int | None, img_size: int, batch_size: int,
                  device: torch.device, rank: int, world_size: int, seed: int, scan_threads: int | None = None):
-        self.root, self.k, self.device = Path(resolve_data_path(root)), k, torch.device(device)
+        self.root, self.device = Path(resolve_data_path(root)), torch.device(device)
         loaders = {}
         for split in ("train", "val"):
             folder = self.root / split
@@ -222,10 +222,13 @@ class KnnMonitor:
             raise ValueError(f"--knn_data_path {root}: train/ and val/ hold different classes "
                              f"({self.train_loader.classes[:5]}... vs {self.val_loader.classes[:5]}...)")
         self.classes = self.train_loader.classes
+        self.requested_k = k
+        self.k = min(k, self.train_loader.num_images)  # the votes of a bank smaller than k: all of it
 
     def describe(self) -> str:
         bank = self.train_loader.num_images
-        k = f"k={self.k}" if self.k <= bank else f"k={bank} (--knn_k {self.k}: the bank holds {bank} images)"
+        k = f"k={self.k}" + (f" (--knn_k {self.requested_k}: the bank holds {bank} images)"
+                             if self.k < self.requested_k else "")
         return (f"{self.root}: {bank} train / {self.val_loader.num_images} val images, "
                 f"{len(self.classes)} classes, {k}, T={TEMPERATURE}")
 
@@ -260,4 +263,4 @@ class KnnMonitor:
                 self.device), k=self.k, num_classes=len(self.classes))
             accuracy += [100.0 * hits / len(queries.ids) for hits in top_n_hits(scores, queries.labels)]
         return KnnResult(*accuracy, seconds=time.perf_counter() - start, num_train=len(bank.ids),
-                         num_val=len(queries.ids), k=min(self.k, len(bank.ids)))
+                         num_val=len(queries.ids), k=self.k)
