@@ -50,7 +50,8 @@ from bench import machine  # noqa: E402
 from bench.harness import kernel_ms, try_kernel_ms  # noqa: E402
 from bench.results import fmt, markdown_table, write_results  # noqa: E402
 from kernels import reference as ref  # noqa: E402
-from kernels.attention import attention_backward, attention_forward  # noqa: E402
+from kernels.attention import attention_forward  # noqa: E402
+from kernels.attention_backward import attention_backward  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 pytestmark = pytest.mark.skipif(not (CUDA or kernels.INTERPRET),
@@ -405,7 +406,8 @@ def test_attention_config_sweep(report, benchmark_full):
     if os.environ.get("KERNEL_BENCH_SWEEP", "1") == "0":
         pytest.skip("KERNEL_BENCH_SWEEP=0")
     dtype = torch.bfloat16 if benchmark_full else torch.float32
-    from kernels.attention import _default_blocks, _default_bwd_blocks
+    from kernels.attention import _default_blocks
+    from kernels.attention_backward import _default_bwd_blocks
 
     for label, B, Lq, Lk, H, d in attention_shapes(benchmark_full):
         q, k, v, dout = (torch.randn(B, L, H, d, device=DEVICE, dtype=dtype) for L in (Lq, Lk, Lk, Lq))

@@ -3,7 +3,7 @@
 Public ops (each a `torch.library` custom op under the hood, differentiable where it makes sense and traceable
 by `torch.compile`; see each module's docstring for shapes, dtypes and caveats):
 
-    attention(q, k, v, scale=None)                                         kernels/attention.py
+    attention(q, k, v, scale=None)                     kernels/attention.py (backward: attention_backward.py)
     self_attention(qkv, scale=None)
     cross_attention(q, kv, scale=None)
     feature_mix_layernorm(feats, weight, ln_weight, ln_bias, eps=1e-6)     kernels/feature_mix.py

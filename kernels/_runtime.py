@@ -109,6 +109,8 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(index)
 
 
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): softmax kernels scale their logits by it and use exp2
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -108,6 +108,7 @@ def test_attention_rejects_bad_inputs():
 # ------------------------------------------------------------------------------------------------------------
 
 attention_mod = importlib.import_module("kernels.attention")  # kernels.attention is the function
+backward_mod = importlib.import_module("kernels.attention_backward")
 
 
 def _packed_qkv(B, N, H, d, dtype=torch.float32, layout="linear"):
@@ -273,7 +274,7 @@ def test_backward_kernel_path(Lk, d, single, block_n, monkeypatch):
     over a next_pow2(Lk) key block; longer keys take the delta + dK/dV + dQ path (32-key blocks for 65 keys)."""
     log: list = []
     for name in ("_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        monkeypatch.setattr(attention_mod, name, _CountLaunches(getattr(attention_mod, name), log, name))
+        monkeypatch.setattr(backward_mod, name, _CountLaunches(getattr(backward_mod, name), log, name))
     qkv = leaf(torch.randn(1, Lk, 3, 1, d, device=DEVICE))
     out = kernels.self_attention(qkv)
     dout = torch.randn_like(out)

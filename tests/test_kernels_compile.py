@@ -153,27 +153,44 @@ def _cross_q_kv(s: StepShapes, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return q, kv
 
 
-def _attention_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
-    """Encoder self-attention; CrossMAE's decoder cross-attention or MAE's decoder self-attention."""
-    def self_attn(qkv):
-        scale = 1 / math.sqrt(qkv.shape[-1])
-        out, lse = mod.self_attention_forward(qkv, scale)
-        mod.self_attention_backward(torch.empty_like(out), qkv, out, lse, scale)
-
-    def cross_attn(q, kv):
-        scale = 1 / math.sqrt(q.shape[-1])
-        out, lse = mod.cross_attention_forward(q, kv, scale)
-        mod.cross_attention_backward(torch.empty_like(out), q, kv, out, lse, scale)
-
+def _attention_inputs(s: StepShapes, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], tuple]]]:
+    """(shape label, make) per attention of a training step: make() returns (qkv,) for a self-attention, (q, kv)
+    for a cross-attention. Encoder self-attention; CrossMAE's decoder cross-attention or MAE's self-attention."""
     H, d = s.enc_heads, s.enc_dim // s.enc_heads
-    yield f"encoder self B{BATCH} L{s.tokens} H{H} d{d}", lambda: self_attn(_qkv(BATCH, s.tokens, H, d, dtype))
+    yield f"encoder self B{BATCH} L{s.tokens} H{H} d{d}", lambda: (_qkv(BATCH, s.tokens, H, d, dtype),)
     H, d = s.dec_heads, s.dec_dim // s.dec_heads
     if s.cross_attention:
-        yield (f"decoder cross B{BATCH} Lq{s.n_pred} Lk{s.tokens} H{H} d{d}",
-               lambda: cross_attn(*_cross_q_kv(s, dtype)))
+        yield f"decoder cross B{BATCH} Lq{s.n_pred} Lk{s.tokens} H{H} d{d}", lambda: _cross_q_kv(s, dtype)
     else:
         T = 1 + s.num_patches
-        yield f"decoder self B{BATCH} L{T} H{H} d{d}", lambda: self_attn(_qkv(BATCH, T, H, d, dtype))
+        yield f"decoder self B{BATCH} L{T} H{H} d{d}", lambda: (_qkv(BATCH, T, H, d, dtype),)
+
+
+def _attention_launches(mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """The forward of each attention, through the packed self / cross entry points the custom ops call."""
+    def forward(*inputs):
+        launch = mod.self_attention_forward if len(inputs) == 1 else mod.cross_attention_forward
+        launch(*inputs, 1 / math.sqrt(inputs[0].shape[-1]))
+
+    for shape, make in _attention_inputs(s, dtype):
+        yield shape, lambda make=make: forward(*make())
+
+
+def _attention_backward_launches(_mod, s: StepShapes, dtype: torch.dtype) -> Iterator[Launch]:
+    """The backward of each attention as the custom ops launch it: kernels/attention.py's packed wrappers, which
+    have this file's kernels write dq / dk / dv into slices of one d(qkv) or d(kv), from the forward's contiguous
+    output and fp32 logsumexp."""
+    attention = importlib.import_module("kernels.attention")  # the package attribute is the function
+
+    def backward(*inputs):
+        q = inputs[0][:, :, 0] if len(inputs) == 1 else inputs[0]
+        B, Lq, H, d = q.shape
+        out, lse = _meta(B, Lq, H, d, dtype=dtype), _meta(B, H, Lq)
+        launch = attention.self_attention_backward if len(inputs) == 1 else attention.cross_attention_backward
+        launch(torch.empty_like(out), *inputs, out, lse, 1 / math.sqrt(d))
+
+    for shape, make in _attention_inputs(s, dtype):
+        yield shape, lambda make=make: backward(*make())
 
 
 def _stream_widths(s: StepShapes) -> list[tuple[str, int, int]]:
@@ -291,6 +308,7 @@ class KernelFile:
 
 KERNEL_FILES = [
     KernelFile("attention", _attention_launches),
+    KernelFile("attention_backward", _attention_backward_launches),
     KernelFile("bias_gelu", _bias_gelu_launches),
     KernelFile("feature_mix", _feature_mix_launches),
     KernelFile("gather_rows", _gather_rows_launches),

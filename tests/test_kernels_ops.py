@@ -26,7 +26,8 @@ from kernel_helpers import (
     nan_filled,
     requires_kernels,
 )
-from kernels.attention import attention_backward, attention_forward
+from kernels.attention import attention_forward
+from kernels.attention_backward import attention_backward
 from kernels.feature_mix import feature_mix_backward, feature_mix_forward
 from kernels.gather_rows import gather_rows_forward
 from kernels.patches import scatter_patches_forward
